@@ -1,0 +1,3 @@
+from optstate.cli import main
+
+raise SystemExit(main())

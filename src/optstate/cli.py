@@ -1,0 +1,132 @@
+"""The command line (contract): run, report, inspect, data fetch."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from optstate import __version__
+from optstate.errors import UserError
+
+EPILOG = "Documentation: README.md and docs/ in the optstate repository."
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", nargs="?", help="study file (TOML); default: the embedded preset")
+    p.add_argument("--preset", help="embedded (default), smoke, seed, seed-faithful")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study key with a TOML value, e.g. --set seeds=2, "
+                        "--set 'arms=[\"onecycle/keep\"]', --set optimizer.weight_decay=0.01")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", help="where datasets are kept (default: $OPTSTATE_DATA, else ~/.cache/optstate)")
+    p.add_argument("--mirror", help="host to download archives from instead of fast.ai's (or $OPTSTATE_MIRROR)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="optstate", epilog=EPILOG,
+                                 description="Is it fine to throw the optimizer away between training sessions?")
+    ap.add_argument("--version", action="version", version=f"optstate {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a study (default: the embedded study)", epilog=EPILOG)
+    _study_args(run)
+    run.add_argument("--out", help="run directory (default: runs/<study name>); rerunning resumes")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--executor", choices=["local"], default="local")
+    run.add_argument("--no-download", action="store_true", help="never download datasets; fail if missing")
+    _data_args(run)
+
+    rep = sub.add_parser("report", help="rebuild results.json, figures and report.md from a run directory")
+    rep.add_argument("dir")
+
+    ins = sub.add_parser("inspect", help="print an optimizer's param_groups and state around each handoff")
+    _study_args(ins)
+    ins.add_argument("--arm", default="onecycle/keep", help="arm to follow (default onecycle/keep)")
+    ins.add_argument("--steps", type=int, default=4, help="steps per session (default 4)")
+
+    data = sub.add_parser("data", help="datasets")
+    dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    fetch = dsub.add_parser("fetch", help="download, verify and extract Imagenette or Imagewoof")
+    fetch.add_argument("name", choices=["imagenette", "imagewoof"])
+    fetch.add_argument("--size", choices=["160", "320", "full"], default="160")
+    _data_args(fetch)
+    return ap
+
+
+def _run(args) -> int:
+    from optstate import study as studies
+    from optstate.execute import run_study
+    from optstate.report import build_report
+
+    study = studies.load(args.study, args.preset, args.sets)
+    out = Path(args.out or f"runs/{study.name}")
+    run_study(study, out, device=args.device, data_root=args.data_root,
+              download=not args.no_download, mirror=args.mirror)
+    results = build_report(out)
+    print("")
+    for line in results["answer"]:
+        print(line)
+    print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   "
+          f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    return 0
+
+
+def _report(args) -> int:
+    from optstate.report import build_report
+
+    out = Path(args.dir)
+    if not out.is_dir():
+        raise UserError(f"{out} is not a directory")
+    build_report(out)
+    print(f"rebuilt {out / 'results.json'}, {out / 'report.md'} and {out / 'figures'}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from optstate import study as studies
+    from optstate.review import review
+
+    study = studies.load(args.study, args.preset, args.sets)
+    if args.arm not in study.arms:
+        raise UserError(f"--arm {args.arm!r} is not one of the study's arms ({', '.join(study.arms)})")
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    review(study, args.arm, args.steps)
+    return 0
+
+
+def _fetch(args) -> int:
+    from optstate.data import data_root, fetch
+
+    archive = fetch.archive_for(args.name, None if args.size == "full" else args.size)
+    root = data_root(args.data_root)
+    path = fetch.fetch(archive, root, mirror=args.mirror)
+    print(f"{archive.dataset}: verified at {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        args = parser().parse_args(["run", *(argv or [])])
+    handlers = {"run": _run, "report": _report, "inspect": _inspect}
+    try:
+        if args.command == "data":
+            if args.data_command != "fetch":
+                parser().parse_args(["data", "--help"])
+            return _fetch(args)
+        return handlers[args.command](args)
+    except UserError as e:
+        print(f"optstate: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\noptstate: interrupted; finished sessions are kept: rerun the same command to continue.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

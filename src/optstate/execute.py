@@ -1,0 +1,66 @@
+"""Run a study's plan on this machine: load data, train pending nodes in order, write runs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from optstate import data as datasets
+from optstate import models, plan as planning
+from optstate.data.batches import Batches
+from optstate.errors import UserError
+from optstate.store import Store
+from optstate.study import Study, dataset_label
+from optstate.train import Context, train_node
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to PyTorch on this machine")
+    return torch.device(name)
+
+
+def run_study(study: Study, out: Path, device: str = "auto", data_root: str | None = None,
+              download: bool = True, mirror: str | None = None, log=print) -> planning.Plan:
+    dev = pick_device(device)
+    plan = planning.build(study)
+    store = Store(out)
+    root = datasets.data_root(data_root)
+
+    # Everything that can fail on input fails here, before any training.
+    contexts: dict[str, Context] = {}
+    for entry in study.datasets:
+        label = dataset_label(entry)
+        data = datasets.load(entry, study, root, download=download, mirror=mirror)
+        size = datasets.resolved_image_size(entry, study)
+        models.check_input(models.build(study.model, len(data.classes)), size)
+        log(f"{label}: {len(data.train)} train / {len(data.val)} validation images, "
+            f"{len(data.classes)} classes, {size}px ({data.source})")
+        contexts[label] = Context(study, data, Batches(data, study, size, dev), size, dev, store, plan)
+    plan = store.begin(study, plan)
+
+    pending = [n for n in plan.ordered() if n.status != "done"]
+    total = sum(n.epochs * contexts[n.dataset].batches.steps_per_epoch for n in pending)
+    log(f"{len(plan.runs)} runs, {len(plan.nodes)} sessions to train ({len(plan.nodes) - len(pending)} already done) "
+        f"on {dev}; output in {out}")
+    bar = tqdm(total=total, unit="step", desc=study.name, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for node in pending:
+            ctx = contexts[node.dataset]
+            ctx.on_step = bar.update
+            ctx.on_epoch = lambda n, e: bar.set_postfix_str(
+                f"{n.dataset} {','.join(n.arms)} seed{n.seed} session {n.session + 1} epoch {e + 1}/{n.epochs}")
+            train_node(node, ctx)
+            node.status = "done"
+            store.write_plan(plan)
+    finally:
+        bar.close()
+    for run in plan.runs:
+        store.materialize_run(run)
+    log(f"trained {plan.epochs_trained()} epochs; without sharing sessions it would have been "
+        f"{plan.epochs_unshared()}")
+    return plan

@@ -1,0 +1,122 @@
+"""The output directory (contract): study, plan, node checkpoints, per-run metrics, TensorBoard.
+
+Nodes write their own metrics (nodes/<id>/epochs.csv, steps.csv); a run's
+files under runs/ are the concatenation of its nodes' files, root to leaf, so
+a session shared by several arms is written once and appears in each of them.
+Every file that must survive a crash is written to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optstate.errors import UserError
+from optstate.plan import Plan, Run, arm_folder
+from optstate.study import Study
+
+EPOCH_COLUMNS = ["session", "epoch", "global_epoch", "step", "train_loss", "train_acc",
+                 "val_loss", "val_acc", "val_top3", "lr", "seconds"]
+
+
+def step_columns(momentum: str) -> list[str]:
+    return ["step", "session", "global_epoch", "lr", momentum, "loss", "acc"]
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class Store:
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    # -- study and plan
+    def begin(self, study: Study, plan: Plan) -> Plan:
+        """Write study.toml and plan.json; on an existing run directory keep the finished nodes."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        toml = study.to_toml()
+        existing = self.out / "study.toml"
+        if existing.exists() and existing.read_text() != toml:
+            raise UserError(f"{self.out} holds results of a different study (its study.toml differs); "
+                            f"use another --out, or delete {self.out} to start over")
+        write_atomic(existing, toml)
+        old = self.out / "plan.json"
+        if old.exists():
+            previous = Plan.from_json(old.read_text())
+            for node_id, node in plan.nodes.items():
+                prev = previous.nodes.get(node_id)
+                if prev and prev.status == "done" and self.checkpoint_path(node_id).exists():
+                    node.status = "done"
+        self.write_plan(plan)
+        return plan
+
+    def write_plan(self, plan: Plan) -> None:
+        write_atomic(self.out / "plan.json", plan.to_json())
+
+    def read_plan(self) -> Plan:
+        return Plan.from_json((self.out / "plan.json").read_text())
+
+    # -- node checkpoints and metrics
+    def node_dir(self, node_id: str) -> Path:
+        return self.out / "nodes" / node_id
+
+    def checkpoint_path(self, node_id: str) -> Path:
+        return self.node_dir(node_id) / "final.pt"
+
+    def save_checkpoint(self, node_id: str, payload: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        write_atomic(self.checkpoint_path(node_id), buf.getvalue())
+
+    def load_checkpoint(self, node_id: str, device: torch.device | str = "cpu") -> dict[str, Any]:
+        return torch.load(self.checkpoint_path(node_id), map_location=device, weights_only=True)
+
+    def write_node_metrics(self, node_id: str, epochs: list[dict], steps: list[dict], momentum: str) -> None:
+        d = self.node_dir(node_id)
+        write_atomic(d / "epochs.csv", _csv(EPOCH_COLUMNS, epochs))
+        write_atomic(d / "steps.csv", _csv(step_columns(momentum), steps))
+
+    # -- runs
+    def run_dir(self, run: Run) -> Path:
+        return self.out / run.folder
+
+    def tensorboard_dir(self, run: Run) -> Path:
+        return self.out / "tensorboard" / run.dataset / arm_folder(run.arm) / f"seed{run.seed}"
+
+    def materialize_run(self, run: Run) -> None:
+        """runs/<dataset>/<arm>/seed<k>/{epochs,steps}.csv from the run's nodes, root to leaf."""
+        for name in ("epochs.csv", "steps.csv"):
+            parts = [(self.node_dir(n) / name).read_text().splitlines(keepends=True) for n in run.nodes]
+            text = parts[0][0] + "".join(line for p in parts for line in p[1:])
+            write_atomic(self.run_dir(run) / name, text)
+
+
+def _csv(columns: list[str], rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, columns, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v)  # exact, so that repeated runs can be compared bit for bit
+    return v

@@ -1,0 +1,180 @@
+"""Train one node: one session of one run, starting from its parent's end state.
+
+Read it top to bottom: build the model, take over the parent's weights and
+optimizer, apply the handoff, attach the session's schedule, then the plain
+loop of forward, backward, optimizer step, scheduler step, log; evaluate at
+every epoch end; save the end state for the children.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+
+from optstate import models
+from optstate.data.batches import Batches
+from optstate.data.images import ImageData
+from optstate.errors import UserError
+from optstate.handoff import HANDOFFS, NextSession
+from optstate.plan import Node, Plan
+from optstate.schedules import SCHEDULES, momentum_of
+from optstate.store import Store
+from optstate.study import Study, optimizer_class
+
+
+@dataclass
+class Context:
+    """What every node of one dataset shares."""
+
+    study: Study
+    data: ImageData
+    batches: Batches
+    image_size: int
+    device: torch.device
+    store: Store
+    plan: Plan
+    on_step: Callable[[int], None] = lambda n: None
+    on_epoch: Callable[[Node, int], None] = lambda node, epoch: None
+    momentum_name: str = field(init=False)
+
+    def __post_init__(self):
+        probe = make_optimizer([torch.zeros(1, requires_grad=True)], self.study, 1e-3)
+        self.momentum_name = "momentum" if "momentum" in probe.defaults and "betas" not in probe.defaults else "beta1"
+
+
+def derive_seed(*parts) -> int:
+    """A seed that depends only on its parts: (seed, dataset, purpose, global epoch)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def make_optimizer(params, study: Study, lr: float) -> torch.optim.Optimizer:
+    cfg = dict(study.optimizer)
+    cls = optimizer_class(cfg.pop("name"))
+    if isinstance(cfg.get("betas"), list):
+        cfg["betas"] = tuple(cfg["betas"])
+    return cls(params, lr=lr, **cfg)
+
+
+def start_lr(node: Node) -> float:
+    s = node.settings
+    return float(s["lr"]) if node.schedule == "constant" else float(s["max_lr"]) / float(s["div_factor"])
+
+
+def start_node(node: Node, ctx: Context):
+    """Model, optimizer and scheduler as the node's first step will see them."""
+    torch.manual_seed(derive_seed(node.seed, node.dataset, "init"))
+    model = models.build(ctx.study.model, len(ctx.data.classes)).to(ctx.device)
+    steps = node.epochs * ctx.batches.steps_per_epoch
+
+    def new_optimizer() -> torch.optim.Optimizer:
+        return make_optimizer(model.parameters(), ctx.study, start_lr(node))
+
+    if node.parent is None:
+        optimizer = new_optimizer()
+    else:
+        parent = ctx.store.load_checkpoint(node.parent, ctx.device)
+        model.load_state_dict(parent["model"])
+        # The parent's optimizer exactly as it ended: state tensors, step counts, param_groups.
+        optimizer = new_optimizer()
+        optimizer.load_state_dict(parent["optimizer"])
+        session = NextSession(node.session, node.schedule, dict(node.settings), node.epochs, steps, new_optimizer)
+        optimizer = HANDOFFS[node.handoff](model, optimizer, session)
+    scheduler = SCHEDULES[node.schedule].attach(optimizer, node.settings, steps)
+    return model, optimizer, scheduler
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
+    model.eval()
+    loss = torch.zeros((), dtype=torch.float64, device=batches.device)
+    top1 = torch.zeros((), dtype=torch.int64, device=batches.device)
+    top3 = torch.zeros((), dtype=torch.int64, device=batches.device)
+    n = 0
+    for x, y in batches.val_batches():
+        logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        best = logits.topk(min(3, logits.shape[1]), dim=1).indices
+        top1 += (best[:, 0] == y).sum()
+        top3 += (best == y[:, None]).any(dim=1).sum()
+        n += len(y)
+    model.train()
+    return {"val_loss": loss.item() / n, "val_acc": top1.item() / n, "val_top3": top3.item() / n}
+
+
+def train_node(node: Node, ctx: Context) -> None:
+    study, b = ctx.study, ctx.batches
+    model, optimizer, scheduler = start_node(node, ctx)
+    spe = b.steps_per_epoch
+    total = node.epochs * spe
+    step0 = node.first_epoch * spe  # global step of this node's first step
+    runs = [r for r in ctx.plan.runs if node.id in r.nodes]
+    writers = [SummaryWriter(str(ctx.store.tensorboard_dir(r))) for r in runs]
+    mom = ctx.momentum_name
+    epoch_rows, step_rows = [], []
+    try:
+        for e in range(node.epochs):
+            ctx.on_epoch(node, e)
+            global_epoch = node.first_epoch + e
+            # Batches and dropout depend on (seed, dataset, global epoch) only: branches
+            # after a fork see the same data, and a rerun sees what the first run saw.
+            order = torch.Generator().manual_seed(derive_seed(node.seed, node.dataset, "data", global_epoch))
+            torch.manual_seed(derive_seed(node.seed, node.dataset, "noise", global_epoch))
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+            seen = 0
+            model.train()
+            for i, (x, y) in enumerate(b.train_epoch(order)):
+                k = e * spe + i  # step within the session
+                group = optimizer.param_groups[0]
+                lr, beta = float(group["lr"]), momentum_of(group)  # what this step uses
+
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None and k + 1 < total:  # never past the schedule's last step
+                    scheduler.step()
+
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                if k == 0 or (step0 + k) % study.log_every == 0:
+                    row = {"step": step0 + k, "session": node.session + 1, "global_epoch": global_epoch + 1,
+                           "lr": lr, mom: beta, "loss": loss.item(), "acc": correct.item() / seen}
+                    step_rows.append(row)
+                    for w in writers:
+                        w.add_scalar("train/loss", row["loss"], row["step"])
+                        w.add_scalar("train/acc_running", row["acc"], row["step"])
+                        w.add_scalar("schedule/lr", lr, row["step"])
+                        if beta is not None:
+                            w.add_scalar(f"schedule/{mom}", beta, row["step"])
+                ctx.on_step(1)
+            train_loss = loss_sum.item() / seen
+            if not math.isfinite(train_loss):
+                raise UserError(f"{node.dataset} {'/'.join(node.arms)} seed {node.seed} diverged in session "
+                                f"{node.session + 1} (non-finite loss); lower the learning rate. Finished "
+                                f"sessions are kept: rerun the same command to continue.")
+            row = {"session": node.session + 1, "epoch": e + 1, "global_epoch": global_epoch + 1,
+                   "step": step0 + (e + 1) * spe, "train_loss": train_loss, "train_acc": correct.item() / seen,
+                   **evaluate(model, b), "lr": lr, "seconds": time.perf_counter() - t0}
+            epoch_rows.append(row)
+            for w in writers:
+                for key in ("train_loss", "train_acc"):
+                    w.add_scalar(f"epoch/{key}", row[key], row["step"])
+                for key in ("val_loss", "val_acc", "val_top3"):
+                    w.add_scalar(f"val/{key[4:]}", row[key], row["step"])
+                w.flush()
+    finally:
+        for w in writers:
+            w.close()
+    ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, mom)
+    ctx.store.save_checkpoint(node.id, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "global_epoch": node.first_epoch + node.epochs, "steps": total})

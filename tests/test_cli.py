@@ -1,0 +1,116 @@
+"""The command line as a user meets it: a smoke study, report, inspect, and bad input."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from optstate.cli import main
+from optstate.store import EPOCH_COLUMNS
+
+
+def optstate(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "optstate", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    p = optstate("run", "--preset", "smoke", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    return out, p
+
+
+def test_smoke_study_writes_every_file_of_the_output_contract(smoke_dir):
+    out, p = smoke_dir
+    for name in ("study.toml", "plan.json", "results.json", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "figures" / "fashion-mnist-embedded-curves.png").stat().st_size > 10_000
+    assert (out / "figures" / "fashion-mnist-embedded-schedule.png").stat().st_size > 10_000
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(n["status"] == "done" for n in plan["nodes"])
+    for n in plan["nodes"]:
+        assert (out / "nodes" / n["id"] / "final.pt").is_file()
+    for arm in ("constant-new", "constant-keep", "onecycle-new", "onecycle-keep"):
+        run = out / "runs" / "fashion-mnist-embedded" / arm / "seed0"
+        rows = list(csv.DictReader(open(run / "epochs.csv")))
+        assert list(rows[0]) == EPOCH_COLUMNS
+        assert [int(r["session"]) for r in rows] == [1, 2, 3]
+        assert [int(r["global_epoch"]) for r in rows] == [1, 2, 3]
+        steps = list(csv.DictReader(open(run / "steps.csv")))
+        assert {"step", "session", "lr", "beta1", "loss", "acc"} <= set(steps[0])
+        firsts = {}
+        for s in steps:
+            firsts.setdefault(s["session"], int(s["step"]))
+        assert sorted(firsts.values()) == [0, 10, 20]  # the first step of every session is logged
+        events = list((out / "tensorboard" / "fashion-mnist-embedded" / arm / "seed0").glob("events.out.tfevents.*"))
+        assert events
+    results = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in results["runs"]} == {"constant/new", "constant/keep", "onecycle/new", "onecycle/keep"}
+    assert any("`keep` instead of `new`" in line for line in results["answer"])
+    report = (out / "report.md").read_text()
+    assert report.startswith("# optstate study `smoke`") and "## The answer" in report
+    assert "figures/fashion-mnist-embedded-curves.png" in report and "```toml" in report
+    assert "trained 10 epochs; without sharing sessions it would have been 12" in p.stdout
+
+
+def test_shared_first_session_is_identical_in_both_arms(smoke_dir):
+    out, _ = smoke_dir
+    base = out / "runs" / "fashion-mnist-embedded"
+    keep = (base / "onecycle-keep" / "seed0" / "epochs.csv").read_text().splitlines()
+    new = (base / "onecycle-new" / "seed0" / "epochs.csv").read_text().splitlines()
+    assert keep[:2] == new[:2] and keep[2:] != new[2:]
+
+
+def test_rerun_resumes_and_report_rebuilds(smoke_dir, tmp_path):
+    out, _ = smoke_dir
+    before = (out / "runs" / "fashion-mnist-embedded" / "onecycle-keep" / "seed0" / "epochs.csv").read_text()
+    p = optstate("run", "--preset", "smoke", "--out", str(out))
+    assert p.returncode == 0 and "(10 already done)" in p.stdout
+    assert (out / "runs" / "fashion-mnist-embedded" / "onecycle-keep" / "seed0" / "epochs.csv").read_text() == before
+    (out / "report.md").unlink()
+    for f in (out / "figures").iterdir():
+        f.unlink()
+    p = optstate("report", str(out))
+    assert p.returncode == 0, p.stderr
+    assert (out / "report.md").is_file() and (out / "figures" / "fashion-mnist-embedded-curves.png").is_file()
+
+
+def test_a_different_study_on_the_same_out_is_refused(smoke_dir):
+    out, _ = smoke_dir
+    p = optstate("run", "--preset", "smoke", "--set", "seeds=2", "--out", str(out))
+    assert p.returncode == 2 and "different study" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_inspect_shows_what_each_handoff_does():
+    p = optstate("inspect", "--preset", "smoke", "--arm", "onecycle/keep")
+    assert p.returncode == 0, p.stderr
+    assert "the same optimizer object; every state tensor unchanged" in p.stdout
+    assert "OneCycleLR overwrote the hand-set initial_lr" in p.stdout
+    assert "exp_avg_sq" in p.stdout and "initial_lr" in p.stdout
+    p = optstate("inspect", "--preset", "smoke", "--arm", "constant/new")
+    assert p.returncode == 0 and "a different optimizer object" in p.stdout and "state: empty" in p.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--preset", "nope"], "unknown preset"),
+    (["run", "--preset", "smoke", "--set", "seeds=0"], "`seeds`"),
+    (["run", "/no/such/study.toml"], "does not exist"),
+    (["run", "--preset", "smoke", "--set", 'datasets=["./no-such-folder"]'], "no-such-folder"),
+    (["report", "/no/such/dir"], "not a directory"),
+    (["inspect", "--arm", "cosine/keep"], "not one of the study's arms"),
+])
+def test_bad_input_gets_one_message_and_exit_2(tmp_path, capsys, args, message):
+    # in-process: main() is what the console script calls
+    code = main(args + (["--out", str(tmp_path / "o")] if args[0] == "run" else []))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err and err.count("optstate: error:") == 1
+
+
+def test_bad_toml_is_a_clear_error_through_the_console_script(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text("seeds = = 2\n")
+    p = optstate("run", str(f), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "not valid TOML" in p.stderr and "Traceback" not in p.stderr

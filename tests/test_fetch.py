@@ -1,0 +1,128 @@
+"""The download path, end to end, against small Imagenette-like archives served on 127.0.0.1."""
+import functools
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import make_tgz
+from optstate.cli import main
+from optstate.data import fetch
+
+CLASSES = fetch.IMAGENETTE_CLASSES
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+
+
+@pytest.fixture
+def small_archive(monkeypatch):
+    """Make `imagenette-160` expect a small archive: the test's own checksum and counts."""
+    def use(md5):
+        real = fetch.ARCHIVES["imagenette-160"]
+        monkeypatch.setitem(fetch.ARCHIVES, "imagenette-160", fetch.Archive(
+            real.dataset, real.filename, real.folder, (md5,), real.classes, 3 * len(CLASSES), 2 * len(CLASSES)))
+    return use
+
+
+def test_fetch_downloads_verifies_and_extracts(tmp_path, server, small_archive, capsys):
+    www, url = server
+    small_archive(make_tgz(www / "imagenette2-160.tgz", "imagenette2-160", CLASSES))
+    root = tmp_path / "root"
+    assert main(["data", "fetch", "imagenette", "--size", "160", "--data-root", str(root), "--mirror", url]) == 0
+    folder = root / "imagenette2-160"
+    assert sorted(p.name for p in (folder / "train").iterdir()) == sorted(CLASSES)
+    assert len(list((folder / "val").rglob("*.JPEG"))) == 20
+    assert not (root / "downloads" / "imagenette2-160.tgz").exists()
+    assert "verified" in capsys.readouterr().out
+    # a second fetch finds the verified folder and downloads nothing
+    (www / "imagenette2-160.tgz").unlink()
+    assert main(["data", "fetch", "imagenette", "--size", "160", "--data-root", str(root), "--mirror", url]) == 0
+
+
+def test_checksum_mismatch_is_refused(tmp_path, server, small_archive, capsys):
+    www, url = server
+    make_tgz(www / "imagenette2-160.tgz", "imagenette2-160", CLASSES)
+    small_archive("0" * 32)
+    root = tmp_path / "root"
+    assert main(["data", "fetch", "imagenette", "--data-root", str(root), "--mirror", url]) == 2
+    err = capsys.readouterr().err
+    assert "md5" in err and "matches none of the published checksums" in err and "Traceback" not in err
+    assert not (root / "imagenette2-160").exists()
+
+
+@pytest.mark.parametrize("evil", ["../escaped.txt", "/tmp/optstate-absolute-member.txt", "imagenette2-160/../../x"])
+def test_members_outside_the_target_are_refused(tmp_path, server, small_archive, capsys, evil):
+    www, url = server
+    small_archive(make_tgz(www / "imagenette2-160.tgz", "imagenette2-160", CLASSES, extra=[(evil, b"gotcha")]))
+    root = tmp_path / "root"
+    assert main(["data", "fetch", "imagenette", "--data-root", str(root), "--mirror", url]) == 2
+    assert "outside the target folder" in capsys.readouterr().err
+    assert not (root / "imagenette2-160").exists()
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/optstate-absolute-member.txt").exists()
+
+
+def test_a_symlink_member_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    path = tmp_path / "a.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("imagenette2-160/link")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info, io.BytesIO())
+    with pytest.raises(fetch.UserError, match="link or special file"):
+        fetch.extract(path, tmp_path / "out")
+
+
+def test_incomplete_folder_is_refused(tmp_path, small_archive):
+    from helpers import make_folder
+
+    small_archive("x")
+    root = tmp_path / "root"
+    make_folder(root / "imagenette2-160", CLASSES, per_class=(3, 1))
+    with pytest.raises(fetch.UserError, match="holds 10 images, expected 20"):
+        fetch.fetch(fetch.ARCHIVES["imagenette-160"], root, download_ok=False)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_seed_preset_without_data_or_network_fails_fast_with_one_sentence(tmp_path):
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path),
+           "OPTSTATE_DATA": str(tmp_path / "empty"), "OPTSTATE_MIRROR": f"http://127.0.0.1:{_closed_port()}/"}
+    t = time.time()
+    p = subprocess.run([sys.executable, "-m", "optstate", "run", "--preset", "seed", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert time.time() - t < 60
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    lines = [x for x in p.stderr.splitlines() if x.startswith("optstate: error:")]
+    assert len(lines) == 1
+    assert "imagenette-160 is missing" in lines[0] and str(tmp_path / "empty") in lines[0]
+    assert "imagenette2-160.tgz" in lines[0]
+
+    p = subprocess.run([sys.executable, "-m", "optstate", "run", "--preset", "seed", "--no-download",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "imagenette-160 is missing" in p.stderr and "optstate data fetch imagenette --size 160" in p.stderr
