@@ -105,7 +105,7 @@ def answer(comparisons: list[dict]) -> list[str]:
             se = 100 * c["diff_std"] / math.sqrt(c["n"])
             spread = f" ± {se:.1f} (standard error over {c['n']} paired seeds)"
         else:
-            spread = " (one seed: no error bar; run with `--set seeds=3` or more to measure the spread)"
+            spread = " (one seed)"
         lines.append(f"{c['dataset']}: {what} changed final validation top-1 by {d:+.1f} points"
                      f"{spread}: {100 * c['a_mean']:.1f}% vs {100 * c['b_mean']:.1f}%.")
     return lines

@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print an optimizer's param_groups and state around each handoff")
     _study_args(ins)
     ins.add_argument("--arm", default="onecycle/keep", help="arm to follow (default onecycle/keep)")
-    ins.add_argument("--steps", type=int, default=4, help="steps per session (default 4)")
+    ins.add_argument("--steps", type=int, default=6, help="steps per session (default 6)")
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -69,6 +69,8 @@ def _run(args) -> int:
     print("")
     for line in results["answer"]:
         print(line)
+    if results["comparisons"] and all(c["n"] == 1 for c in results["comparisons"]):
+        print("(one seed per arm: no error bars; --set seeds=3 measures the spread)")
     print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   "
           f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     return 0
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"optstate: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # e.g. `optstate inspect | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\noptstate: interrupted; finished sessions are kept: rerun the same command to continue.",
               file=sys.stderr)

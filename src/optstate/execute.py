@@ -47,7 +47,8 @@ def run_study(study: Study, out: Path, device: str = "auto", data_root: str | No
     total = sum(n.epochs * contexts[n.dataset].batches.steps_per_epoch for n in pending)
     log(f"{len(plan.runs)} runs, {len(plan.nodes)} sessions to train ({len(plan.nodes) - len(pending)} already done) "
         f"on {dev}; output in {out}")
-    bar = tqdm(total=total, unit="step", desc=study.name, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, unit="step", desc=study.name, dynamic_ncols=True, file=sys.stderr,
+               mininterval=0.2 if sys.stderr.isatty() else 10)
     try:
         for node in pending:
             ctx = contexts[node.dataset]

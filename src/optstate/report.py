@@ -22,6 +22,11 @@ def _colors(arms: list[str]) -> dict[str, str]:
     return {a: cycle[i % len(cycle)] for i, a in enumerate(arms)}
 
 
+def _style(arm: str) -> str:
+    """Dashed for every handoff but `new`, so that arms which coincide stay visible."""
+    return "-" if arm.endswith("/new") else "--"
+
+
 def _mean_curves(out: Path, runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
     per_epoch = defaultdict(list)
     for r in runs:
@@ -46,7 +51,7 @@ def curves_figure(out: Path, results: dict, arms: list[str], dataset: str) -> Pa
             if not mine:
                 continue
             xs, ys, lo, hi = _mean_curves(out, mine, key)
-            ax.plot(xs, ys, marker="o", ms=3, color=colors[arm], label=f"{arm} (n={len(mine)})")
+            ax.plot(xs, ys, marker="o", ms=3, color=colors[arm], ls=_style(arm), label=f"{arm} (n={len(mine)})")
             if len(mine) > 1:
                 ax.fill_between(xs, lo, hi, color=colors[arm], alpha=0.15, lw=0)
             for b in _boundaries(out, mine[0]):
@@ -78,9 +83,9 @@ def schedule_figure(out: Path, results: dict, arms: list[str], dataset: str) -> 
         rows = read_csv(out / mine[0]["folder"] / "steps.csv")
         momentum = "momentum" if "momentum" in rows[0] else "beta1"
         steps = [int(r["step"]) for r in rows]
-        ax_lr.plot(steps, [float(r["lr"]) for r in rows], color=colors[arm], label=arm, lw=1.2)
+        ax_lr.plot(steps, [float(r["lr"]) for r in rows], color=colors[arm], ls=_style(arm), label=arm, lw=1.2)
         if rows[0][momentum] != "":
-            ax_m.plot(steps, [float(r[momentum]) for r in rows], color=colors[arm], label=arm, lw=1.2)
+            ax_m.plot(steps, [float(r[momentum]) for r in rows], color=colors[arm], ls=_style(arm), label=arm, lw=1.2)
     ax_lr.set_yscale("log")
     ax_lr.set_ylabel("learning rate")
     ax_m.set_ylabel(momentum)
@@ -123,6 +128,9 @@ def build_report(out: Path) -> dict:
     md = [f"# optstate study `{study['name']}`", ""]
     md += ["## The answer", ""]
     md += [f"- {line}" for line in results["answer"]] or ["- No finished runs yet."]
+    if results["runs"] and all(c["n"] == 1 for c in results["comparisons"]):
+        md += ["", "One seed per arm: these differences carry no error bar. Rerun with `--set seeds=3` "
+               "(or more) to measure how much they vary from seed to seed."]
     md += ["", "Differences are measured on each dataset's validation split (never training images), "
            "at the last epoch of the last session; arms with the same schedule share their first session, "
            "so each comparison starts from the same weights.", ""]
