@@ -100,10 +100,11 @@ def test_inspect_shows_what_each_handoff_does():
     (["run", "--preset", "smoke", "--set", 'datasets=["./no-such-folder"]'], "no-such-folder"),
     (["report", "/no/such/dir"], "not a directory"),
     (["inspect", "--arm", "cosine/keep"], "not one of the study's arms"),
+    (["run", "--preset", "smoke", "--out", "/dev/null/out"], "/dev/null"),
 ])
 def test_bad_input_gets_one_message_and_exit_2(tmp_path, capsys, args, message):
     # in-process: main() is what the console script calls
-    code = main(args + (["--out", str(tmp_path / "o")] if args[0] == "run" else []))
+    code = main(args + (["--out", str(tmp_path / "o")] if args[0] == "run" and "--out" not in args else []))
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and err.count("optstate: error:") == 1

@@ -74,6 +74,26 @@ def test_folder_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
     assert len(changed.train) == len(first.train) + 1
 
 
+def test_large_folders_decode_in_parallel_like_serially(tmp_path):
+    root = make_folder(tmp_path / "big", ["a", "b"], per_class=(150, 2))
+    st = smoke("image_size=12", "train_images=0", "val_images=0", 'resize="squash"')
+    data = datasets.load(str(root), st, tmp_path)
+    assert len(data.train) == 300
+    paths = [p for p, _ in folder.scan(root)[1]["train"]]
+    for i in (0, 151, 299):
+        assert torch.equal(data.train.images[i], torch.from_numpy(folder.decode(paths[i], 12, "squash")))
+
+
+def test_channel_stats_match_the_direct_computation():
+    from optstate.data.batches import channel_stats
+
+    x = torch.randint(0, 256, (50, 3, 5, 5), dtype=torch.uint8)
+    mean, std = channel_stats(x, chunk=7)
+    ref = x.double() / 255
+    assert torch.allclose(mean, ref.mean(dim=(0, 2, 3)))
+    assert torch.allclose(std, ref.std(dim=(0, 2, 3), unbiased=False))
+
+
 def test_embedded_split_is_stratified_deterministic_and_disjoint():
     a, b = idx.embedded(), idx.embedded()
     assert len(a.train) == 8000 and len(a.val) == 2000

@@ -77,6 +77,11 @@ def test_set_overrides_with_dotted_keys_and_toml_values(tmp_path):
         load_text(tmp_path, MINIMAL, "sessions.4.epochs=1")
 
 
+def test_no_file_and_no_preset_means_the_embedded_study():
+    st = studies.load(None)
+    assert st.name == "embedded" and st.datasets == ["fashion-mnist-embedded"]
+
+
 @pytest.mark.parametrize("name", studies.PRESETS)
 def test_presets_are_valid(name):
     st = studies.load(None, name)

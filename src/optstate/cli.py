@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\noptstate: interrupted; finished sessions are kept: rerun the same command to continue.",
               file=sys.stderr)
         return 130
+    except OSError as e:  # an unwritable --out, a full disk, a file where a folder should be
+        print(f"optstate: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

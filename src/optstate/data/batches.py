@@ -50,6 +50,21 @@ def crop_boxes(n: int, size: int, scale: tuple[float, float], ratio: tuple[float
     return torch.stack([left, top, left + w, top + h], 1)
 
 
+def channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of uint8 images in [0, 1], in chunks (a float copy of a
+    whole split would take gigabytes)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].to(torch.float64).div_(255)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.pow_(2).sum(dim=(0, 2, 3))
+    n = images.numel() / images.shape[1]
+    mean = total / n
+    std = (squares / n - mean**2).clamp(min=1e-6).sqrt()
+    return mean, std
+
+
 class Batches:
     """Serves one dataset's batches for one study on one device."""
 
@@ -63,9 +78,7 @@ class Batches:
         self.val = Split(data.val.images.to(device), data.val.labels.to(device))
         c = data.channels
         if study.normalize:
-            x = data.train.images.double().div_(255)
-            mean = x.mean(dim=(0, 2, 3))
-            std = x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+            mean, std = channel_stats(data.train.images)
         else:
             mean, std = torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)
         self.mean = (mean * 255).float().view(1, c, 1, 1).to(device)

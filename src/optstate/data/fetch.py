@@ -120,7 +120,10 @@ def extract(path: Path, dest: Path) -> None:
         with tarfile.open(path, "r:*") as tar:
             members = check_members(tar, path.name)
             for m in tqdm(members, desc=f"extract {path.name}", unit="file", leave=False):
-                tar.extract(m, tmp, filter="data")
+                try:
+                    tar.extract(m, tmp, filter="data")
+                except TypeError:  # Python < 3.11.4 has no filters; check_members already vetted m
+                    tar.extract(m, tmp)
         for top in tmp.iterdir():
             target = dest / top.name
             if target.exists():
