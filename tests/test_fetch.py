@@ -126,3 +126,18 @@ def test_seed_preset_without_data_or_network_fails_fast_with_one_sentence(tmp_pa
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "imagenette-160 is missing" in p.stderr and "optstate data fetch imagenette --size 160" in p.stderr
+
+
+def test_a_study_fetches_its_dataset_and_trains_on_it(tmp_path, server, small_archive, capsys):
+    www, url = server
+    small_archive(make_tgz(www / "imagenette2-160.tgz", "imagenette2-160", CLASSES))
+    out = tmp_path / "out"
+    code = main(["run", "--preset", "smoke", "--set", 'datasets=["imagenette-160"]', "--set", "image_size=32",
+                 "--set", 'augment="standard"', "--set", "train_images=0", "--set", "val_images=0",
+                 "--set", "batch_size=10", "--set", 'arms=["onecycle/new", "onecycle/keep"]',
+                 "--mirror", url, "--data-root", str(tmp_path / "root"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for arm in ("onecycle-new", "onecycle-keep"):
+        rows = (out / "runs" / "imagenette-160" / arm / "seed0" / "epochs.csv").read_text().splitlines()
+        assert len(rows) == 4  # header + three sessions of one epoch
+    assert (out / "figures" / "imagenette-160-curves.png").is_file()

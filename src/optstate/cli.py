@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             if args.data_command != "fetch":
-                parser().parse_args(["data", "--help"])
+                raise UserError("`optstate data` needs an action: `optstate data fetch imagenette --size 160`")
             return _fetch(args)
         return handlers[args.command](args)
     except UserError as e:
