@@ -55,7 +55,11 @@ def run_study(study: Study, out: Path, device: str = "auto", data_root: str | No
             ctx.on_step = bar.update
             ctx.on_epoch = lambda n, e: bar.set_postfix_str(
                 f"{n.dataset} {','.join(n.arms)} seed{n.seed} session {n.session + 1} epoch {e + 1}/{n.epochs}")
-            train_node(node, ctx)
+            rows = train_node(node, ctx)
+            last = rows[-1]
+            bar.write(f"{node.dataset} {','.join(node.arms)} seed{node.seed} session {node.session + 1}: "
+                      f"val top-1 {100 * last['val_acc']:.1f}%, val loss {last['val_loss']:.4f}, "
+                      f"train loss {last['train_loss']:.4f} ({sum(r['seconds'] for r in rows):.0f} s)")
             node.status = "done"
             store.write_plan(plan)
     finally:

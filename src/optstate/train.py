@@ -107,7 +107,8 @@ def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
     return {"val_loss": loss.item() / n, "val_acc": top1.item() / n, "val_top3": top3.item() / n}
 
 
-def train_node(node: Node, ctx: Context) -> None:
+def train_node(node: Node, ctx: Context) -> list[dict]:
+    """Train the node's session; returns its epoch rows."""
     study, b = ctx.study, ctx.batches
     model, optimizer, scheduler = start_node(node, ctx)
     spe = b.steps_per_epoch
@@ -178,3 +179,4 @@ def train_node(node: Node, ctx: Context) -> None:
     ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, mom)
     ctx.store.save_checkpoint(node.id, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "global_epoch": node.first_epoch + node.epochs, "steps": total})
+    return epoch_rows
