@@ -80,7 +80,7 @@ def test_rerun_resumes_and_report_rebuilds(smoke_dir, tmp_path):
 def test_a_different_study_on_the_same_out_is_refused(smoke_dir):
     out, _ = smoke_dir
     p = optstate("run", "--preset", "smoke", "--set", "seeds=2", "--out", str(out))
-    assert p.returncode == 2 and "different study" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "different study (differs in: seeds)" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_inspect_shows_what_each_handoff_does():

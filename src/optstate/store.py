@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,17 @@ class Store:
     def begin(self, study: Study, plan: Plan) -> Plan:
         """Write study.toml and plan.json; on an existing run directory keep the finished nodes."""
         self.out.mkdir(parents=True, exist_ok=True)
-        toml = study.to_toml()
         existing = self.out / "study.toml"
-        if existing.exists() and existing.read_text() != toml:
-            raise UserError(f"{self.out} holds results of a different study (its study.toml differs); "
-                            f"use another --out, or delete {self.out} to start over")
-        write_atomic(existing, toml)
+        if existing.exists():
+            try:
+                before = tomllib.loads(existing.read_text())
+            except tomllib.TOMLDecodeError:
+                before = {}
+            if before != study.raw:
+                differ = sorted(k for k in set(before) | set(study.raw) if before.get(k) != study.raw.get(k))
+                raise UserError(f"{self.out} holds results of a different study (differs in: {', '.join(differ)}); "
+                                f"use another --out, or delete {self.out} to start over")
+        write_atomic(existing, study.to_toml())
         old = self.out / "plan.json"
         if old.exists():
             previous = Plan.from_json(old.read_text())
