@@ -44,6 +44,13 @@ def test_smoke_study_writes_every_file_of_the_output_contract(smoke_dir):
         for s in steps:
             firsts.setdefault(s["session"], int(s["step"]))
         assert sorted(firsts.values()) == [0, 32, 64]  # the first step of every session is logged
+        first = {r["session"]: r for r in reversed(steps)}  # each session's first logged row
+        if arm.startswith("onecycle"):  # the lr and beta1 that the step used, not the next step's
+            assert [float(first[k]["lr"]) for k in "123"] == pytest.approx([4e-3 / 25, 1e-3 / 25, 3e-4 / 25])
+            assert [float(first[k]["beta1"]) for k in "123"] == [0.95, 0.95, 0.95]
+        else:
+            assert [float(first[k]["lr"]) for k in "123"] == [1e-3, 1e-3, 3e-4]
+            assert {float(r["beta1"]) for r in steps} == {0.9}
         events = list((out / "tensorboard" / "fashion-mnist-embedded" / arm / "seed0").glob("events.out.tfevents.*"))
         assert events
     results = json.loads((out / "results.json").read_text())
@@ -101,6 +108,10 @@ def test_inspect_shows_what_each_handoff_does():
     (["report", "/no/such/dir"], "not a directory"),
     (["inspect", "--arm", "cosine/keep"], "not one of the study's arms"),
     (["run", "--preset", "smoke", "--out", "/dev/null/out"], "/dev/null"),
+    (["run", "--preset", "smoke", "--set", "sessions.0.onecycle.pct_start=0.01"], "no warm-up"),
+    (["run", "--preset", "smoke", "--set", "optimizer.capturable=true"], "cannot run on cpu"),
+    (["run", "--preset", "smoke", "--set", 'optimizer={name="adagrad"}'], "momentum"),
+    (["inspect", "--steps", "2"], "no warm-up"),
 ])
 def test_bad_input_gets_one_message_and_exit_2(tmp_path, capsys, args, message):
     # in-process: main() is what the console script calls

@@ -144,6 +144,32 @@ def test_crop_boxes_follow_random_resized_crop():
     assert math.isclose(float(torch.log(ratio).std()), (math.log(4 / 3) * 2) / math.sqrt(12), rel_tol=0.15)
 
 
+def test_crop_boxes_match_torchvision_draw_for_draw_statistics():
+    from torchvision.transforms import RandomResizedCrop
+
+    size, n, scale, ratio = 40, 20000, (0.2, 0.6), (3 / 4, 4 / 3)
+    boxes = crop_boxes(n, size, scale, ratio, torch.Generator().manual_seed(1))
+    ours = torch.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1)
+    torch.manual_seed(1)
+    img = torch.zeros(1, size, size)
+    theirs = torch.tensor([RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)]).float()
+    # top, left, height, width: means and spreads agree within sampling error
+    for k, name in enumerate(("top", "left", "height", "width")):
+        se = float(theirs[:, k].std()) / n**0.5
+        assert abs(float(ours[:, k].mean() - theirs[:, k].mean())) < 5 * se * 2**0.5, name
+        assert abs(float(ours[:, k].std() / theirs[:, k].std()) - 1) < 0.05, name
+    assert (ours[:, :2] == ours[:, :2].round()).all()
+
+
+def test_roi_align_on_an_integer_box_is_the_plain_crop():
+    from torchvision.ops import roi_align
+
+    x = torch.rand(1, 3, 16, 16)
+    box = torch.tensor([[0.0, 3, 5, 11, 12]])  # batch index, x1, y1, x2, y2: an 8 x 7 crop
+    out = roi_align(x, box, (7, 8), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    assert torch.allclose(out, x[:, :, 5:12, 3:11], atol=1e-6)
+
+
 def test_training_batches_are_a_function_of_the_generator(tmp_path):
     st = smoke("augment=\"standard\"", "image_size=24")
     data = datasets.load("fashion-mnist-embedded", st, tmp_path)

@@ -22,8 +22,11 @@ def server(tmp_path):
     """An HTTP server on 127.0.0.1 serving tmp_path/www."""
     www = tmp_path / "www"
     www.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(www))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     t = threading.Thread(target=httpd.serve_forever, daemon=True)
     t.start()
@@ -134,7 +137,7 @@ def test_a_study_fetches_its_dataset_and_trains_on_it(tmp_path, server, small_ar
     out = tmp_path / "out"
     code = main(["run", "--preset", "smoke", "--set", 'datasets=["imagenette-160"]', "--set", "image_size=32",
                  "--set", 'augment="standard"', "--set", "train_images=0", "--set", "val_images=0",
-                 "--set", "batch_size=10", "--set", 'arms=["onecycle/new", "onecycle/keep"]',
+                 "--set", "batch_size=5", "--set", 'arms=["onecycle/new", "onecycle/keep"]',
                  "--mirror", url, "--data-root", str(tmp_path / "root"), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     for arm in ("onecycle-new", "onecycle-keep"):

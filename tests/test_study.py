@@ -25,8 +25,13 @@ onecycle = { max_lr = 1e-2 }
 def test_minimal_file_gets_every_default(tmp_path):
     st = load_text(tmp_path, MINIMAL)
     assert st.arms == ["constant/new", "constant/keep", "onecycle/new", "onecycle/keep"]
-    assert st.optimizer == {"name": "adam"} and st.seeds == 1
+    assert st.optimizer["name"] == "adam" and st.seeds == 1
     assert st.settings("onecycle/keep", 0)["div_factor"] == 25.0
+    # study.toml records every default: the optimizer's and each schedule's
+    written = studies.tomllib.loads(st.to_toml())
+    assert written["optimizer"]["betas"] == [0.9, 0.999] and written["optimizer"]["eps"] == 1e-8
+    assert written["sessions"][0]["onecycle"]["div_factor"] == 25.0
+    assert written["sessions"][0]["onecycle"]["max_momentum"] == 0.95
     # the resolved study round-trips through its own TOML
     assert studies.validate(studies.tomllib.loads(st.to_toml())) == st.raw
 
@@ -41,6 +46,9 @@ def test_minimal_file_gets_every_default(tmp_path):
     ('arms = ["onecycle/kept"]\n', "`arms`"),
     ('model = "resnet5000"\n', "`model`"),
     ('crop_scale = [0.9, 0.1]\n', "`crop_scale`"),
+    ('crop_scale = [true, 1]\n', "`crop_scale`"),
+    ('optimizer = { name = "lbfgs" }\n', "`optimizer.name`"),
+    ('optimizer = { name = "adam", betas = [0.9] }\n', "`optimizer`"),
 ])
 def test_bad_keys_and_values_are_errors_naming_the_key(tmp_path, text, key):
     body = MINIMAL.replace('model = "small-cnn"\n', "") if text.startswith("model") else MINIMAL
@@ -68,13 +76,31 @@ def test_set_overrides_with_dotted_keys_and_toml_values(tmp_path):
     st = load_text(tmp_path, MINIMAL, "seeds=2", 'arms=["onecycle/keep"]', "optimizer.weight_decay=0.01",
                    "sessions.0.epochs=3", "name=mine", "sessions.0.onecycle/keep.div_factor=10")
     assert st.seeds == 2 and st.arms == ["onecycle/keep"] and st.name == "mine"
-    assert st.optimizer == {"name": "adam", "weight_decay": 0.01}
+    assert st.optimizer["weight_decay"] == 0.01 and st.optimizer["name"] == "adam"
     assert st.settings("onecycle/keep", 0) | {} == st.settings("onecycle/keep", 0)
     assert st.settings("onecycle/keep", 0)["epochs"] == 3 and st.settings("onecycle/keep", 0)["div_factor"] == 10
     with pytest.raises(UserError, match="KEY=VALUE"):
         load_text(tmp_path, MINIMAL, "seeds")
     with pytest.raises(UserError, match="not an index"):
         load_text(tmp_path, MINIMAL, "sessions.4.epochs=1")
+    with pytest.raises(UserError, match="one line only"):
+        load_text(tmp_path, MINIMAL, 'seeds=2\nname="x"')
+    quoted = load_text(tmp_path, MINIMAL, 'sessions.0."onecycle/keep".div_factor=4')
+    assert quoted.settings("onecycle/keep", 0)["div_factor"] == 4
+
+
+def test_a_preset_can_run_a_subset_of_its_arms():
+    st = studies.load(None, "seed-faithful", ['arms=["constant/new", "constant/keep"]'])
+    assert st.arms == ["constant/new", "constant/keep"]
+    with pytest.raises(UserError, match="sessions"):
+        studies.load(None, "seed-faithful", ['sessions.1.onecycle/kept.div_factor=3'])
+
+
+def test_a_non_utf8_study_file_is_a_clear_error(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_bytes(b"name = \"\xff\xfe\"\n")
+    with pytest.raises(UserError, match="cannot read the study file"):
+        studies.load(p)
 
 
 def test_no_file_and_no_preset_means_the_embedded_study():

@@ -72,3 +72,38 @@ def test_a_node_trains_the_same_twice(tmp_path):
     drop_time = lambda t: [line.rsplit(",", 1)[0] for line in t.splitlines()]  # noqa: E731
     assert drop_time(first) == drop_time(second)
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_both_branches_train_on_the_same_batches_after_the_fork(tmp_path):
+    st, plan, store, ctx = setup(tmp_path, 'augment="standard"', "image_size=24")
+    ctx = Context(st, ctx.data, Batches(ctx.data, st, 24, torch.device("cpu")), 24, torch.device("cpu"), store, plan)
+    seen = {}
+    real = ctx.batches.train_epoch
+
+    def recording(generator):
+        for x, y in real(generator):
+            seen.setdefault(current, []).append((x.sum().item(), y.tolist()))
+            yield x, y
+
+    ctx.batches.train_epoch = recording
+    for current in [node(plan, "onecycle", 0).id, node(plan, "onecycle", 1, "keep").id,
+                    node(plan, "onecycle", 1, "new").id]:
+        torch.manual_seed(1234 + len(seen))  # whatever earlier work did to the global RNG
+        train_node(plan.nodes[current], ctx)
+    keep, new = seen[node(plan, "onecycle", 1, "keep").id], seen[node(plan, "onecycle", 1, "new").id]
+    assert keep == new and len(keep) == ctx.batches.steps_per_epoch
+    assert keep != seen[node(plan, "onecycle", 0).id]  # a different epoch, different batches
+
+
+def test_a_onecycle_session_ends_on_its_last_step_never_past_it(tmp_path):
+    st, plan, store, ctx = setup(tmp_path, "log_every=1")
+    root = node(plan, "onecycle", 0)
+    train_node(root, ctx)
+    s = root.settings
+    end = store.load_checkpoint(root.id)["optimizer"]["param_groups"][0]
+    # stepping once more would move the cosine past its end and the lr back up
+    assert end["lr"] == pytest.approx(s["max_lr"] / s["div_factor"] / s["final_div_factor"], rel=1e-9)
+    steps = (store.node_dir(root.id) / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + ctx.batches.steps_per_epoch * root.epochs
+    first = steps[1].split(",")
+    assert float(first[3]) == pytest.approx(s["max_lr"] / s["div_factor"]) and float(first[4]) == 0.95

@@ -25,7 +25,13 @@ def load_run_dir(out: Path) -> tuple[dict, Plan]:
     for name in ("study.toml", "plan.json"):
         if not (out / name).is_file():
             raise UserError(f"{out} is not an optstate run directory (no {name})")
-    return tomllib.loads((out / "study.toml").read_text()), Plan.from_json((out / "plan.json").read_text())
+    try:
+        study = tomllib.loads((out / "study.toml").read_text())
+        plan = Plan.from_json((out / "plan.json").read_text())
+        study["name"], study["arms"]  # noqa: B018 - what the report needs
+    except (ValueError, KeyError, TypeError) as e:  # TOML and JSON decode errors are ValueErrors
+        raise UserError(f"{out}: study.toml or plan.json is damaged ({type(e).__name__}: {e})") from None
+    return study, plan
 
 
 def analyse(out: Path) -> dict:

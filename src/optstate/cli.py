@@ -82,7 +82,10 @@ def _report(args) -> int:
     out = Path(args.dir)
     if not out.is_dir():
         raise UserError(f"{out} is not a directory")
-    build_report(out)
+    try:
+        build_report(out)
+    except (ValueError, KeyError) as e:  # a hand-edited or truncated CSV
+        raise UserError(f"{out}: a metrics file is damaged ({type(e).__name__}: {e})") from None
     print(f"rebuilt {out / 'results.json'}, {out / 'report.md'} and {out / 'figures'}")
     return 0
 

@@ -13,7 +13,8 @@ from optstate.data.batches import Batches
 from optstate.errors import UserError
 from optstate.store import Store
 from optstate.study import Study, dataset_label
-from optstate.train import Context, train_node
+from optstate.schedules import SCHEDULES
+from optstate.train import Context, make_optimizer, train_node
 
 
 def pick_device(name: str) -> torch.device:
@@ -22,6 +23,27 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to PyTorch on this machine")
     return torch.device(name)
+
+
+def preflight(study: Study, plan: planning.Plan, contexts: dict[str, Context], dev: torch.device) -> None:
+    """Fail before any training on what only shows once device and step counts are known."""
+    probe = torch.zeros(4, device=dev, requires_grad=True)
+    try:
+        opt = make_optimizer([probe], study, 1e-3)
+        probe.grad = torch.zeros_like(probe)
+        opt.step()
+    except Exception as e:  # noqa: BLE001 - e.g. capturable=true on a CPU
+        raise UserError(f"study: `optimizer` cannot run on {dev}: {e}") from None
+    for node in plan.nodes.values():
+        steps = node.epochs * contexts[node.dataset].batches.steps_per_epoch
+        schedule = SCHEDULES[node.schedule]
+        why = schedule.check_steps(node.settings, steps)
+        if why:
+            raise UserError(f"study: session {node.session + 1} of {', '.join(node.arms)} on {node.dataset}: {why}")
+        try:
+            schedule.attach(make_optimizer([probe], study, 1e-3), node.settings, steps)
+        except UserError as e:
+            raise UserError(f"study: {', '.join(node.arms)} with the {study.optimizer['name']} optimizer: {e}") from None
 
 
 def run_study(study: Study, out: Path, device: str = "auto", data_root: str | None = None,
@@ -41,6 +63,7 @@ def run_study(study: Study, out: Path, device: str = "auto", data_root: str | No
         log(f"{label}: {len(data.train)} train / {len(data.val)} validation images, "
             f"{len(data.classes)} classes, {size}px ({data.source})")
         contexts[label] = Context(study, data, Batches(data, study, size, dev), size, dev, store, plan)
+    preflight(study, plan, contexts, dev)
     plan = store.begin(study, plan)
 
     pending = [n for n in plan.ordered() if n.status != "done"]

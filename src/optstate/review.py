@@ -90,6 +90,11 @@ def review(study: Study, arm: str, steps: int = 4, say: Callable[[str], None] = 
             if schedule == "onecycle":
                 optimizer.param_groups[0]["initial_lr"] = 12345.0
                 say("  (as the original notebooks did, param_groups[0]['initial_lr'] is now set by hand to 12345.0)")
+        why = SCHEDULES[schedule].check_steps(settings, steps)
+        if why:
+            from optstate.errors import UserError
+
+            raise UserError(f"--steps {steps}: {why}")
         scheduler = SCHEDULES[schedule].attach(optimizer, settings, steps)
         say(f"after attaching the {schedule} schedule:")
         for line in describe_groups(optimizer) + describe_state(optimizer):

@@ -42,6 +42,20 @@ class Schedule:
     settings: dict[str, Setting]
     defaults: dict[str, Any]
     attach: Callable[[torch.optim.Optimizer, dict, int], Any]
+    # why a session of this many steps cannot run these settings, or None
+    check_steps: Callable[[dict, int], str | None] = lambda settings, steps: None
+
+
+def _onecycle_steps(settings: dict, steps: int) -> str | None:
+    # OneCycleLR's warm-up ends at step pct_start*steps - 1: at or below step 0 the cycle
+    # skips its start (or divides by zero); three_phase also needs room for its last phase.
+    p = float(settings["pct_start"])
+    if p * steps <= 1:
+        return (f"pct_start {p} over {steps} steps leaves no warm-up (OneCycle needs pct_start x steps > 1); "
+                f"raise pct_start or the session's epochs, or lower batch_size")
+    if settings["three_phase"] and 2 * p * steps - 2 >= steps - 1:
+        return f"three_phase with pct_start {p} over {steps} steps leaves no room for the last phase"
+    return None
 
 
 def _attach_constant(optimizer: torch.optim.Optimizer, settings: dict, total_steps: int):
@@ -110,6 +124,7 @@ SCHEDULES: dict[str, Schedule] = {
             "three_phase": False,
         },
         attach=_attach_onecycle,
+        check_steps=_onecycle_steps,
     ),
 }
 

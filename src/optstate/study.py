@@ -58,23 +58,44 @@ def _choice(raw: dict, key: str, choices: tuple) -> None:
         raise _fail(key, f"must be one of {', '.join(map(repr, choices))}, got {raw[key]!r}")
 
 
-def _check_optimizer(opt: Any) -> None:
+UNSUPPORTED = {"lbfgs": "needs a closure in step()", "sparseadam": "needs sparse gradients"}
+
+
+def _check_optimizer(opt: Any) -> dict:
+    """Check the optimizer table and return it with the class's own defaults written out."""
     if not isinstance(opt, dict) or not isinstance(opt.get("name"), str):
         raise _fail("optimizer", 'must be a table with a `name`, e.g. { name = "adam" }')
     cls = optimizer_class(opt["name"])
+    if cls.__name__.lower() in UNSUPPORTED:
+        raise _fail("optimizer.name", f"torch.optim.{cls.__name__} {UNSUPPORTED[cls.__name__.lower()]}; "
+                    f"optstate's training step cannot drive it")
     kwargs = {k: v for k, v in opt.items() if k != "name"}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    params = inspect.signature(cls.__init__).parameters
+    accepted = set(params) - {"self", "params"}
     for k in kwargs:
         if k == "lr":
             raise _fail("optimizer.lr", "is set per session ([[sessions]] constant.lr / onecycle.max_lr)")
         if k not in accepted:
             raise _fail(f"optimizer.{k}", f"is not an argument of torch.optim.{cls.__name__} ({', '.join(sorted(accepted))})")
-    if "betas" in kwargs and isinstance(kwargs["betas"], list):
-        kwargs["betas"] = tuple(kwargs["betas"])
     try:  # let torch judge the values (negative weight decay, bad betas, ...)
-        cls([torch.zeros(1, requires_grad=True)], lr=1e-3, **kwargs)
-    except (ValueError, TypeError) as e:
+        cls([torch.zeros(1, requires_grad=True)], lr=1e-3, **optimizer_kwargs(opt))
+    except Exception as e:  # noqa: BLE001 - any complaint from torch is a bad value in the study
         raise _fail("optimizer", f"is rejected by torch.optim.{cls.__name__}: {e}") from None
+    filled = {"name": opt["name"]}
+    for k, p in params.items():  # record the defaults that TOML can hold (not None)
+        if k in ("self", "params", "lr") or k in kwargs or p.default is inspect.Parameter.empty:
+            continue
+        d = p.default
+        if isinstance(d, tuple) and all(isinstance(x, (int, float)) for x in d):
+            filled[k] = list(d)
+        elif isinstance(d, (bool, int, float, str)):
+            filled[k] = d
+    return filled | kwargs
+
+
+def optimizer_kwargs(opt: dict) -> dict:
+    """The optimizer table as constructor keyword arguments (TOML lists become tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items() if k != "name"}
 
 
 def optimizer_class(name: str) -> type:
@@ -144,11 +165,11 @@ def validate(raw: dict) -> dict:
     _choice(out, "resize", ("crop", "squash"))
     _choice(out, "augment", ("standard", "flip", "none"))
     cs = out["crop_scale"]
-    if not (isinstance(cs, list) and len(cs) == 2 and all(isinstance(x, (int, float)) for x in cs) and 0 < cs[0] <= cs[1] <= 1):
+    if not (isinstance(cs, list) and len(cs) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in cs) and 0 < cs[0] <= cs[1] <= 1):
         raise _fail("crop_scale", f"must be [low, high] with 0 < low <= high <= 1, got {cs!r}")
     if not isinstance(out["normalize"], bool):
         raise _fail("normalize", "must be true or false")
-    _check_optimizer(out["optimizer"])
+    out["optimizer"] = _check_optimizer(out["optimizer"])
 
     arms = out["arms"]
     if not isinstance(arms, list) or not arms or not all(isinstance(a, str) for a in arms):
@@ -174,12 +195,14 @@ def validate(raw: dict) -> dict:
                     raise _fail(f"{where}.epochs", f"must be a whole number >= 1, got {v!r}")
             elif k in SCHEDULES:
                 _check_settings(v, f"{where}.{k}", k)
-            elif "/" in k and k.partition("/")[0] in SCHEDULES:
-                if k not in arms:
-                    raise _fail(f'{where}."{k}"', "overrides an arm that is not in `arms`")
+            elif "/" in k and k.partition("/")[0] in SCHEDULES and k.partition("/")[2] in HANDOFFS:
+                # an override for an arm this study does not run (e.g. a preset's arm left out by --set arms)
                 _check_settings(v, f'{where}."{k}"', k.partition("/")[0])
             else:
                 raise _fail(f"{where}.{k}", f"is not a session key (epochs, a schedule in {sorted(SCHEDULES)}, or an arm)")
+        for name in SCHEDULES:
+            if name in s:  # written out, so that study.toml records every setting used
+                s[name] = SCHEDULES[name].defaults | s[name]
         for a in arms:
             settings = arm_settings(out, a, i)
             for name, spec in SCHEDULES[a.partition("/")[0]].settings.items():
@@ -237,6 +260,8 @@ def preset(name: str) -> dict:
 
 def parse_value(text: str) -> Any:
     """A --set value is a TOML value; a bare word is taken as a string."""
+    if "\n" in text or "\r" in text:
+        raise UserError(f"--set value {text!r}: one line only")
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -248,7 +273,7 @@ def apply_set(raw: dict, assignment: str) -> None:
     key = key.strip()
     if not eq or not key:
         raise UserError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set seeds=2")
-    parts = key.split(".")
+    parts = [p.strip().strip('"') for p in key.split(".")]
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
@@ -282,7 +307,11 @@ def load(path: str | Path | None = None, preset_name: str | None = None, sets: l
         p = Path(path)
         if not p.is_file():
             raise UserError(f"study file {str(p)!r} does not exist")
-        raw |= _load_toml_text(p.read_text(), str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise UserError(f"{p}: cannot read the study file ({e})") from None
+        raw |= _load_toml_text(text, str(p))
     raw = copy.deepcopy(DEFAULTS) | raw  # so that --set optimizer.weight_decay=... extends the default table
     for s in sets:
         apply_set(raw, s)

@@ -25,7 +25,7 @@ from optstate.handoff import HANDOFFS, NextSession
 from optstate.plan import Node, Plan
 from optstate.schedules import SCHEDULES, momentum_of
 from optstate.store import Store
-from optstate.study import Study, optimizer_class
+from optstate.study import Study, optimizer_class, optimizer_kwargs
 
 
 @dataclass
@@ -54,11 +54,7 @@ def derive_seed(*parts) -> int:
 
 
 def make_optimizer(params, study: Study, lr: float) -> torch.optim.Optimizer:
-    cfg = dict(study.optimizer)
-    cls = optimizer_class(cfg.pop("name"))
-    if isinstance(cfg.get("betas"), list):
-        cfg["betas"] = tuple(cfg["betas"])
-    return cls(params, lr=lr, **cfg)
+    return optimizer_class(study.optimizer["name"])(params, lr=lr, **optimizer_kwargs(study.optimizer))
 
 
 def start_lr(node: Node) -> float:

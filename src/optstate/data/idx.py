@@ -39,6 +39,8 @@ def read_pair(images_gz: bytes, labels_gz: bytes, name: str) -> Split:
         raise UserError(f"{name}: not a readable gzip file ({e})") from None
     if len(x) != len(y):
         raise UserError(f"{name}: {len(x)} images but {len(y)} labels")
+    if x.ndim != 3 or len(y) == 0 or int(y.max()) >= len(CLASSES):
+        raise UserError(f"{name}: not Fashion-MNIST (expected N x 28 x 28 images and labels 0-9)")
     return Split(torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
 
 
