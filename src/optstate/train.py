@@ -156,9 +156,9 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 ctx.on_step(1)
             train_loss = loss_sum.item() / seen
             if not math.isfinite(train_loss):
-                raise UserError(f"{node.dataset} {'/'.join(node.arms)} seed {node.seed} diverged in session "
-                                f"{node.session + 1} (non-finite loss); lower the learning rate. Finished "
-                                f"sessions are kept: rerun the same command to continue.")
+                raise UserError(f"{node.dataset} {', '.join(node.arms)} seed {node.seed} diverged in session "
+                                f"{node.session + 1} (non-finite training loss); lower its learning rate and "
+                                f"run again with another --out")
             row = {"session": node.session + 1, "epoch": e + 1, "global_epoch": global_epoch + 1,
                    "step": step0 + (e + 1) * spe, "train_loss": train_loss, "train_acc": correct.item() / seen,
                    **evaluate(model, b), "lr": lr, "seconds": time.perf_counter() - t0}
