@@ -102,6 +102,7 @@ def answer(comparisons: list[dict]) -> list[str]:
         sa, ha = c["a"].split("/")
         sb, hb = c["b"].split("/")
         d = 100 * c["diff_mean"]
+        d = 0.0 if round(d, 1) == 0 else d  # no "-0.0 points"
         if sa == sb:
             what = f"under {sa} LR, `{ha}` instead of `{hb}`"
         else:
