@@ -65,7 +65,7 @@ def review(study: Study, arm: str, steps: int = 4, say: Callable[[str], None] = 
         settings = study.settings(arm, i)
         lr0 = float(settings["lr"]) if schedule == "constant" else float(settings["max_lr"]) / float(settings["div_factor"])
 
-        def new_optimizer() -> torch.optim.Optimizer:
+        def new_optimizer(lr0: float = lr0) -> torch.optim.Optimizer:
             return make_optimizer(model.parameters(), study, lr0)
 
         say("")

@@ -75,9 +75,6 @@ class Store:
     def write_plan(self, plan: Plan) -> None:
         write_atomic(self.out / "plan.json", plan.to_json())
 
-    def read_plan(self) -> Plan:
-        return Plan.from_json((self.out / "plan.json").read_text())
-
     # -- node checkpoints and metrics
     def node_dir(self, node_id: str) -> Path:
         return self.out / "nodes" / node_id

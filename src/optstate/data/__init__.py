@@ -59,8 +59,7 @@ def load(entry: str, study, root: Path, download: bool = True, mirror: str | Non
     """The dataset named by a study entry, decoded at the study's storage size."""
     check_entry(entry)
     label = dataset_label(entry)
-    size = study.image_size if study.image_size != "auto" else default_image_size(entry)
-    store = storage_size(size, study.augment)
+    store = storage_size(resolved_image_size(entry, study), study.augment)
     if entry == "fashion-mnist-embedded":
         data = idx.embedded()
     elif entry == "fashion-mnist":

@@ -100,7 +100,8 @@ class Batches:
         order = torch.randperm(n, generator=generator)
         for i in range(self.steps_per_epoch):
             idx = order[i * bs:(i + 1) * bs]
-            x = self.train.images[idx.to(self.device)].float()
+            on_device = idx.to(self.device)
+            x = self.train.images[on_device].float()
             if self.augment == "standard":
                 boxes = crop_boxes(len(idx), x.shape[-1], self.scale, (3 / 4, 4 / 3), generator)
                 boxes = torch.cat([torch.arange(len(idx)).unsqueeze(1).float(), boxes], 1)
@@ -108,7 +109,7 @@ class Batches:
             if self.augment in ("standard", "flip"):
                 flip = (torch.rand(len(idx), generator=generator) < 0.5).to(self.device)
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            yield self._finish(x), self.train.labels[idx.to(self.device)]
+            yield self._finish(x), self.train.labels[on_device]
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.batch_size * 2
