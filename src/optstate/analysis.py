@@ -102,7 +102,7 @@ def answer(comparisons: list[dict]) -> list[str]:
         sa, ha = c["a"].split("/")
         sb, hb = c["b"].split("/")
         d = 100 * c["diff_mean"]
-        d = 0.0 if round(d, 1) == 0 else d  # no "-0.0 points"
+        d = 0.0 if round(d, 2) == 0 else d  # no "-0.00 points"
         if sa == sb:
             what = f"under {sa} LR, `{ha}` instead of `{hb}`"
         else:
@@ -113,6 +113,6 @@ def answer(comparisons: list[dict]) -> list[str]:
             spread = f" ± {se:.1f} (standard error over {c['n']} paired seeds)"
         else:
             spread = " (one seed)"
-        lines.append(f"{c['dataset']}: {what} changed final validation top-1 by {d:+.1f} points"
-                     f"{spread}: {100 * c['a_mean']:.1f}% vs {100 * c['b_mean']:.1f}%.")
+        lines.append(f"{c['dataset']}: {what} changed final validation top-1 by {d:+.2f} points"
+                     f"{spread}: {100 * c['a_mean']:.2f}% vs {100 * c['b_mean']:.2f}%.")
     return lines
