@@ -75,6 +75,9 @@ def run_study(study: Study, out: Path, device: str = "auto", data_root: str | No
     try:
         for node in pending:
             ctx = contexts[node.dataset]
+            if store.progress_path(node.id).exists():
+                bar.write(f"continuing {node.dataset} {','.join(node.arms)} seed{node.seed} session "
+                          f"{node.session + 1} from its last finished epoch")
             ctx.on_step = bar.update
             ctx.on_epoch = lambda n, e: bar.set_postfix_str(
                 f"{n.dataset} {','.join(n.arms)} seed{n.seed} session {n.session + 1} epoch {e + 1}/{n.epochs}")

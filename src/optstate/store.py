@@ -90,6 +90,24 @@ class Store:
     def load_checkpoint(self, node_id: str, device: torch.device | str = "cpu") -> dict[str, Any]:
         return torch.load(self.checkpoint_path(node_id), map_location=device, weights_only=True)
 
+    def progress_path(self, node_id: str) -> Path:
+        return self.node_dir(node_id) / "progress.pt"
+
+    def save_progress(self, node_id: str, payload: dict[str, Any]) -> None:
+        """The node's state at an epoch end, so that a killed run continues from there."""
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        write_atomic(self.progress_path(node_id), buf.getvalue())
+
+    def load_progress(self, node_id: str, device: torch.device | str = "cpu") -> dict[str, Any] | None:
+        path = self.progress_path(node_id)
+        if not path.exists():
+            return None
+        return torch.load(path, map_location=device, weights_only=True)
+
+    def clear_progress(self, node_id: str) -> None:
+        self.progress_path(node_id).unlink(missing_ok=True)
+
     def write_node_metrics(self, node_id: str, epochs: list[dict], steps: list[dict], momentum: str) -> None:
         d = self.node_dir(node_id)
         write_atomic(d / "epochs.csv", _csv(EPOCH_COLUMNS, epochs))

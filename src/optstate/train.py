@@ -110,12 +110,24 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
     spe = b.steps_per_epoch
     total = node.epochs * spe
     step0 = node.first_epoch * spe  # global step of this node's first step
-    runs = [r for r in ctx.plan.runs if node.id in r.nodes]
-    writers = [SummaryWriter(str(ctx.store.tensorboard_dir(r))) for r in runs]
-    mom = ctx.momentum_name
     epoch_rows, step_rows = [], []
+    done = 0  # epochs of this node already trained by an earlier, interrupted run
+    progress = ctx.store.load_progress(node.id, ctx.device)
+    if progress is not None:
+        model.load_state_dict(progress["model"])
+        optimizer.load_state_dict(progress["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(progress["scheduler"])
+        epoch_rows, step_rows = progress["epoch_rows"], progress["step_rows"]
+        done = len(epoch_rows)
+        ctx.on_step(done * spe)
+    runs = [r for r in ctx.plan.runs if node.id in r.nodes]
+    # purge_step hides TensorBoard events that an interrupted run wrote past the resume point
+    writers = [SummaryWriter(str(ctx.store.tensorboard_dir(r)), purge_step=step0 + done * spe if done else None)
+               for r in runs]
+    mom = ctx.momentum_name
     try:
-        for e in range(node.epochs):
+        for e in range(done, node.epochs):
             ctx.on_epoch(node, e)
             global_epoch = node.first_epoch + e
             # Batches and dropout depend on (seed, dataset, global epoch) only: branches
@@ -169,10 +181,16 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 for key in ("val_loss", "val_acc", "val_top3"):
                     w.add_scalar(f"val/{key[4:]}", row[key], row["step"])
                 w.flush()
+            if e + 1 < node.epochs:  # the last epoch's state is the final checkpoint below
+                ctx.store.save_progress(node.id, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "epoch_rows": epoch_rows, "step_rows": step_rows})
     finally:
         for w in writers:
             w.close()
     ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, mom)
     ctx.store.save_checkpoint(node.id, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "global_epoch": node.first_epoch + node.epochs, "steps": total})
+    ctx.store.clear_progress(node.id)
     return epoch_rows
