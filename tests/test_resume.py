@@ -56,3 +56,18 @@ def test_an_interrupted_run_resumes_to_identical_metrics(uninterrupted, tmp_path
     assert "from its last finished epoch" in again.stderr + again.stdout  # resumed, not retrained
     assert tables(out) == uninterrupted
     assert not list(out.glob("nodes/*/progress.pt"))  # finished nodes keep only their final checkpoint
+
+
+def test_each_arm_alone_equals_the_same_arm_in_the_shared_study(tmp_path, capsys):
+    from optstate.cli import main
+
+    arms = ["constant/new", "constant/keep", "onecycle/new", "onecycle/keep"]
+    small = ["--set", "train_images=320", "--set", "val_images=64"]
+    assert main(["run", "--preset", "smoke", *small, "--out", str(tmp_path / "all")]) == 0
+    together = tables(tmp_path / "all")
+    for arm in arms:
+        out = tmp_path / arm.replace("/", "-")
+        assert main(["run", "--preset", "smoke", *small, "--set", f'arms=["{arm}"]', "--out", str(out)]) == 0
+        alone = tables(out)
+        assert alone and all(together[k] == v for k, v in alone.items()), arm
+    capsys.readouterr()
