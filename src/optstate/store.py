@@ -83,9 +83,7 @@ class Store:
         return self.node_dir(node_id) / "final.pt"
 
     def save_checkpoint(self, node_id: str, payload: dict[str, Any]) -> None:
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        write_atomic(self.checkpoint_path(node_id), buf.getvalue())
+        _save_torch(self.checkpoint_path(node_id), payload)
 
     def load_checkpoint(self, node_id: str, device: torch.device | str = "cpu") -> dict[str, Any]:
         return torch.load(self.checkpoint_path(node_id), map_location=device, weights_only=True)
@@ -95,9 +93,7 @@ class Store:
 
     def save_progress(self, node_id: str, payload: dict[str, Any]) -> None:
         """The node's state at an epoch end, so that a killed run continues from there."""
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        write_atomic(self.progress_path(node_id), buf.getvalue())
+        _save_torch(self.progress_path(node_id), payload)
 
     def load_progress(self, node_id: str, device: torch.device | str = "cpu") -> dict[str, Any] | None:
         path = self.progress_path(node_id)
@@ -126,6 +122,12 @@ class Store:
             parts = [(self.node_dir(n) / name).read_text().splitlines(keepends=True) for n in run.nodes]
             text = parts[0][0] + "".join(line for p in parts for line in p[1:])
             write_atomic(self.run_dir(run) / name, text)
+
+
+def _save_torch(path: Path, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    write_atomic(path, buf.getvalue())
 
 
 def _csv(columns: list[str], rows: list[dict]) -> str:
