@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from optstate.handoff import HANDOFFS, NextSession
 from optstate.schedules import SCHEDULES, momentum_of
 from optstate.study import Study
-from optstate.train import make_optimizer
+from optstate.train import make_optimizer, start_lr
 
 
 def _fmt(v) -> str:
@@ -63,7 +63,7 @@ def review(study: Study, arm: str, steps: int = 4, say: Callable[[str], None] = 
     optimizer = None
     for i in range(len(study.sessions)):
         settings = study.settings(arm, i)
-        lr0 = float(settings["lr"]) if schedule == "constant" else float(settings["max_lr"]) / float(settings["div_factor"])
+        lr0 = start_lr(schedule, settings)
 
         def new_optimizer(lr0: float = lr0) -> torch.optim.Optimizer:
             return make_optimizer(model.parameters(), study, lr0)

@@ -57,9 +57,11 @@ def make_optimizer(params, study: Study, lr: float) -> torch.optim.Optimizer:
     return optimizer_class(study.optimizer["name"])(params, lr=lr, **optimizer_kwargs(study.optimizer))
 
 
-def start_lr(node: Node) -> float:
-    s = node.settings
-    return float(s["lr"]) if node.schedule == "constant" else float(s["max_lr"]) / float(s["div_factor"])
+def start_lr(schedule: str, settings: dict) -> float:
+    """The learning rate a session's first step uses (what a fresh optimizer is built with)."""
+    if schedule == "constant":
+        return float(settings["lr"])
+    return float(settings["max_lr"]) / float(settings["div_factor"])
 
 
 def start_node(node: Node, ctx: Context):
@@ -69,7 +71,7 @@ def start_node(node: Node, ctx: Context):
     steps = node.epochs * ctx.batches.steps_per_epoch
 
     def new_optimizer() -> torch.optim.Optimizer:
-        return make_optimizer(model.parameters(), ctx.study, start_lr(node))
+        return make_optimizer(model.parameters(), ctx.study, start_lr(node.schedule, node.settings))
 
     if node.parent is None:
         optimizer = new_optimizer()
