@@ -31,7 +31,8 @@ def test_smoke_study_writes_every_file_of_the_output_contract(smoke_dir):
     plan = json.loads((out / "plan.json").read_text())
     assert all(n["status"] == "done" for n in plan["nodes"])
     for n in plan["nodes"]:
-        assert (out / "nodes" / n["id"] / "final.pt").is_file()
+        assert (out / "nodes" / n["id"] / "epochs.csv").is_file()
+    assert not list(out.glob("nodes/*/*.pt"))  # no session is left to train, so no checkpoint is kept
     for arm in ("constant-new", "constant-keep", "onecycle-new", "onecycle-keep"):
         run = out / "runs" / "fashion-mnist-embedded" / arm / "seed0"
         rows = list(csv.DictReader(open(run / "epochs.csv")))
@@ -126,3 +127,31 @@ def test_bad_toml_is_a_clear_error_through_the_console_script(tmp_path):
     f.write_text("seeds = = 2\n")
     p = optstate("run", str(f), "--out", str(tmp_path / "o"))
     assert p.returncode == 2 and "not valid TOML" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_diverged_arm_is_reported_and_every_other_run_completes(smoke_dir, tmp_path):
+    base, _ = smoke_dir
+    out = tmp_path / "out"
+    p = optstate("run", "--preset", "smoke", "--set", 'sessions.1."constant/keep".lr=1e30', "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    assert "DIVERGED at step 33" in p.stdout and "Traceback" not in p.stderr
+    nodes = {n["id"].split(".")[3]: n for n in json.loads((out / "plan.json").read_text())["nodes"]
+             if ".constant." in n["id"]}
+    assert nodes["s2-keep"]["status"] == "diverged" and nodes["s2-keep"]["diverged_at"] == 33
+    assert nodes["s3-keep-keep"]["status"] == "skipped" and nodes["s3-new-new"]["status"] == "done"
+    results = json.loads((out / "results.json").read_text())
+    assert [(d["arm"], d["session"], d["step"]) for d in results["diverged"]] == [("constant/keep", 2, 33)]
+    assert {r["arm"] for r in results["runs"]} == {"constant/new", "onecycle/new", "onecycle/keep"}
+    assert any("constant/keep seed 0 diverged" in line for line in results["answer"])
+    report = (out / "report.md").read_text()
+    assert "## Diverged runs" in report and "| fashion-mnist-embedded | constant/keep | 0 | 2 | 33 | 1 |" in report
+
+    def rows(d, arm):
+        return [{k: v for k, v in r.items() if k != "seconds"}
+                for r in csv.DictReader(open(d / "runs" / "fashion-mnist-embedded" / arm / "seed0" / "epochs.csv"))]
+
+    for arm in ("constant-new", "onecycle-new", "onecycle-keep"):  # untouched by the divergence
+        assert rows(out, arm) == rows(base, arm)
+    assert rows(out, "constant-keep") == rows(base, "constant-keep")[:1]  # up to the divergence
+    again = optstate("run", "--preset", "smoke", "--set", 'sessions.1."constant/keep".lr=1e30', "--out", str(out))
+    assert again.returncode == 0 and "(8 already done, 2 diverged or skipped)" in again.stdout

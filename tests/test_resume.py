@@ -55,7 +55,7 @@ def test_an_interrupted_run_resumes_to_identical_metrics(uninterrupted, tmp_path
     assert again.returncode == 0, again.stderr
     assert "from its last finished epoch" in again.stderr + again.stdout  # resumed, not retrained
     assert tables(out) == uninterrupted
-    assert not list(out.glob("nodes/*/progress.pt"))  # finished nodes keep only their final checkpoint
+    assert not list(out.glob("nodes/*/*.pt"))  # no session left to train needs a checkpoint
 
 
 def test_each_arm_alone_equals_the_same_arm_in_the_shared_study(tmp_path, capsys):
@@ -71,3 +71,57 @@ def test_each_arm_alone_equals_the_same_arm_in_the_shared_study(tmp_path, capsys
         alone = tables(out)
         assert alone and all(together[k] == v for k, v in alone.items()), arm
     capsys.readouterr()
+
+
+SMALL = ["--preset", "smoke", "--set", "train_images=320", "--set", "val_images=64"]
+
+
+def test_a_second_live_run_on_the_same_out_is_refused_and_a_dead_ones_lock_is_not(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from optstate.store import Store\n"
+         f"with Store({str(out)!r}).lock():\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = subprocess.run([sys.executable, "-m", "optstate", "run", *SMALL, "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert f"in use by another optstate run (process {holder.pid})" in p.stderr
+        assert not (out / "plan.json").exists()  # refused before writing anything
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").read_text().strip() == str(holder.pid)  # the dead process's lock file stays
+    p = subprocess.run([sys.executable, "-m", "optstate", "run", *SMALL, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+
+def test_keep_checkpoints_and_a_missing_parent_checkpoint_is_retrained(tmp_path, capsys):
+    from optstate.cli import main
+
+    arms = ["--set", 'arms=["constant/new", "constant/keep"]', "--set", "sessions.0.epochs=2"]
+    kept = tmp_path / "kept"
+    assert main(["run", *SMALL, *arms, "--keep-checkpoints", "--out", str(kept)]) == 0
+    plan = json.loads((kept / "plan.json").read_text())
+    for n in plan["nodes"]:
+        assert (kept / "nodes" / n["id"] / "final.pt").is_file()
+    first = next(n for n in plan["nodes"] if n["session"] == 0)
+    assert (kept / "nodes" / first["id"] / "epoch001.pt").is_file()  # every epoch of a 2-epoch session
+
+    out = tmp_path / "out"
+    assert main(["run", *SMALL, *arms, "--out", str(out)]) == 0
+    before = tables(out)
+    assert not list(out.glob("nodes/*/*.pt"))
+    # Pretend the last session of constant/keep was lost: its parent's checkpoint is gone
+    # too, so the parent (and its own parent) are trained again, to the same numbers.
+    plan = json.loads((out / "plan.json").read_text())
+    leaf = next(n for n in plan["nodes"] if n["id"].split(".")[3] == "s3-keep-keep")
+    leaf["status"] = "pending"
+    (out / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert main(["run", *SMALL, *arms, "--out", str(out)]) == 0
+    assert "(2 already done)" in capsys.readouterr().out  # s1, s2-keep and s3-keep-keep train again
+    assert tables(out) == before
+    assert tables(kept) == before

@@ -36,10 +36,18 @@ def load_run_dir(out: Path) -> tuple[dict, Plan]:
 
 def analyse(out: Path) -> dict:
     study, plan = load_run_dir(out)
-    runs = []
+    runs, diverged = [], []
     for r in plan.runs:
+        status = plan.run_status(r)
+        if status == "diverged":
+            node = next(plan.nodes[i] for i in r.nodes if plan.nodes[i].status == "diverged")
+            path = out / r.folder / "epochs.csv"
+            diverged.append({"dataset": r.dataset, "arm": r.arm, "seed": r.seed, "folder": r.folder,
+                             "session": node.session + 1, "step": node.diverged_at,
+                             "epochs_finished": len(read_csv(path)) if path.is_file() else 0})
+            continue
         path = out / r.folder / "epochs.csv"
-        if not path.is_file():
+        if status != "done" or not path.is_file():
             continue  # not finished yet
         rows = read_csv(path)
         if not rows:
@@ -79,7 +87,12 @@ def analyse(out: Path) -> dict:
                 "b_mean": mean(by[(b, s)]["final"]["val_acc"] for s in seeds),
             })
     return {"study": study["name"], "runs": runs, "arms": arms, "comparisons": comparisons,
-            "answer": answer(comparisons)}
+            "diverged": diverged, "answer": answer(comparisons) + diverged_lines(diverged)}
+
+
+def diverged_lines(diverged: list[dict]) -> list[str]:
+    return [f"{d['dataset']}: {d['arm']} seed {d['seed']} diverged (non-finite training loss at step {d['step']}, "
+            f"session {d['session']}); that run is left out of the metrics and comparisons." for d in diverged]
 
 
 def _pairs(arms: list[str]) -> list[tuple[str, str]]:

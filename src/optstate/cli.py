@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--executor", choices=["local"], default="local")
     run.add_argument("--no-download", action="store_true", help="never download datasets; fail if missing")
+    run.add_argument("--keep-checkpoints", action="store_true",
+                     help="keep every node's final checkpoint and one checkpoint per epoch (default: only those "
+                          "that sessions still to train need)")
     _data_args(run)
 
     rep = sub.add_parser("report", help="rebuild results.json, figures and report.md from a run directory")
@@ -64,7 +67,7 @@ def _run(args) -> int:
     study = studies.load(args.study, args.preset, args.sets)
     out = Path(args.out or f"runs/{study.name}")
     run_study(study, out, device=args.device, data_root=args.data_root,
-              download=not args.no_download, mirror=args.mirror)
+              download=not args.no_download, mirror=args.mirror, keep_checkpoints=args.keep_checkpoints)
     results = build_report(out)
     print("")
     for line in results["answer"]:

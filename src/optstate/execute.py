@@ -14,7 +14,7 @@ from optstate.errors import UserError
 from optstate.store import Store
 from optstate.study import Study, dataset_label
 from optstate.schedules import SCHEDULES
-from optstate.train import Context, make_optimizer, train_node
+from optstate.train import Context, Diverged, make_optimizer, train_node
 
 
 def pick_device(name: str) -> torch.device:
@@ -47,10 +47,18 @@ def preflight(study: Study, plan: planning.Plan, contexts: dict[str, Context], d
 
 
 def run_study(study: Study, out: Path, device: str = "auto", data_root: str | None = None,
-              download: bool = True, mirror: str | None = None, log=print) -> planning.Plan:
+              download: bool = True, mirror: str | None = None, keep_checkpoints: bool = False,
+              log=print) -> planning.Plan:
+    store = Store(out, keep_checkpoints)
+    with store.lock():
+        return _run_locked(study, store, device, data_root, download, mirror, log)
+
+
+def _run_locked(study: Study, store: Store, device: str, data_root: str | None, download: bool,
+                mirror: str | None, log) -> planning.Plan:
+    out = store.out
     dev = pick_device(device)
     plan = planning.build(study)
-    store = Store(out)
     root = datasets.data_root(data_root)
 
     # Everything that can fail on input fails here, before any training.
@@ -66,14 +74,19 @@ def run_study(study: Study, out: Path, device: str = "auto", data_root: str | No
     preflight(study, plan, contexts, dev)
     plan = store.begin(study, plan)
 
-    pending = [n for n in plan.ordered() if n.status != "done"]
+    store.prune(plan)
+    pending = [n for n in plan.ordered() if n.status == "pending"]
     total = sum(n.epochs * contexts[n.dataset].batches.steps_per_epoch for n in pending)
-    log(f"{len(plan.runs)} runs, {len(plan.nodes)} sessions to train ({len(plan.nodes) - len(pending)} already done) "
-        f"on {dev}; output in {out}")
+    done = sum(n.status == "done" for n in plan.nodes.values())
+    stopped = len(plan.nodes) - done - len(pending)
+    log(f"{len(plan.runs)} runs, {len(plan.nodes)} sessions to train ({done} already done"
+        + (f", {stopped} diverged or skipped" if stopped else "") + f") on {dev}; output in {out}")
     bar = tqdm(total=total, unit="step", desc=study.name, dynamic_ncols=True, file=sys.stderr,
-               mininterval=0.2 if sys.stderr.isatty() else 10)
+               mininterval=0.2 if sys.stderr.isatty() else 10, disable=not pending)
     try:
         for node in pending:
+            if node.status != "pending":  # skipped: an ancestor diverged in this run
+                continue
             ctx = contexts[node.dataset]
             if store.progress_path(node.id).exists():
                 bar.write(f"continuing {node.dataset} {','.join(node.arms)} seed{node.seed} session "
@@ -81,17 +94,34 @@ def run_study(study: Study, out: Path, device: str = "auto", data_root: str | No
             ctx.on_step = bar.update
             ctx.on_epoch = lambda n, e: bar.set_postfix_str(
                 f"{n.dataset} {','.join(n.arms)} seed{n.seed} session {n.session + 1} epoch {e + 1}/{n.epochs}")
-            rows = train_node(node, ctx)
+            try:
+                rows = train_node(node, ctx)
+            except Diverged as d:
+                node.status, node.diverged_at = "diverged", d.step
+                skipped = plan.descendants(node.id)
+                for child in skipped:
+                    child.status = "skipped"
+                    bar.update(child.epochs * ctx.batches.steps_per_epoch)
+                store.write_plan(plan)
+                bar.write(f"{node.dataset} {','.join(node.arms)} seed{node.seed} session {node.session + 1}: "
+                          f"DIVERGED at step {d.step} (non-finite training loss)"
+                          + (f"; {len(skipped)} later session{'s' if len(skipped) > 1 else ''} skipped" if skipped else ""))
+                continue
             last = rows[-1]
             bar.write(f"{node.dataset} {','.join(node.arms)} seed{node.seed} session {node.session + 1}: "
                       f"val top-1 {100 * last['val_acc']:.1f}%, val loss {last['val_loss']:.4f}, "
                       f"train loss {last['train_loss']:.4f} ({sum(r['seconds'] for r in rows):.0f} s)")
             node.status = "done"
             store.write_plan(plan)
+            store.prune(plan)
     finally:
         bar.close()
     for run in plan.runs:
-        store.materialize_run(run)
+        store.materialize_run(run, plan)
     log(f"trained {plan.epochs_trained()} epochs; without sharing sessions it would have been "
         f"{plan.epochs_unshared()}")
+    diverged = [r for r in plan.runs if plan.run_status(r) == "diverged"]
+    if diverged:
+        log(f"{len(diverged)} of {len(plan.runs)} runs diverged (see report.md): "
+            + ", ".join(f"{r.dataset} {r.arm} seed{r.seed}" for r in diverged))
     return plan

@@ -27,7 +27,8 @@ class Node:
     first_epoch: int  # global epoch at which this node starts (0-based)
     settings: dict
     arms: list[str] = field(default_factory=list)
-    status: str = "pending"
+    status: str = "pending"  # pending, done, diverged (non-finite loss), skipped (an ancestor diverged)
+    diverged_at: int | None = None  # global step of the first non-finite training loss
 
 
 @dataclass
@@ -55,8 +56,24 @@ class Plan:
         """Parents before children, a dataset's nodes together."""
         return sorted(self.nodes.values(), key=lambda n: (n.dataset, n.seed, n.session, n.id))
 
+    def children(self, node_id: str) -> list[Node]:
+        return [n for n in self.nodes.values() if n.parent == node_id]
+
+    def descendants(self, node_id: str) -> list[Node]:
+        out = []
+        for child in self.children(node_id):
+            out += [child, *self.descendants(child.id)]
+        return out
+
+    def run_status(self, run: Run) -> str:
+        """done, diverged (one of its sessions did, so later ones were skipped) or pending."""
+        statuses = [self.nodes[i].status for i in run.nodes]
+        if "diverged" in statuses:
+            return "diverged"
+        return "done" if all(s == "done" for s in statuses) else "pending"
+
     def epochs_trained(self) -> int:
-        return sum(n.epochs for n in self.nodes.values())
+        return sum(n.epochs for n in self.nodes.values() if n.status != "skipped")
 
     def epochs_unshared(self) -> int:
         return sum(self.nodes[i].epochs for r in self.runs for i in r.nodes)

@@ -144,6 +144,15 @@ def build_report(out: Path) -> dict:
                   f"{_pm(a['val_top3_mean'], a['val_top3_std'])} | {_pm(a['val_loss_mean'], a['val_loss_std'], False)} | "
                   f"{_pm(a['train_loss_mean'], a['train_loss_std'], False)} | {_pct(best['best_val_acc'])} ({best['best_epoch']}) |")
     md += ["", "(mean ± standard deviation over seeds where there is more than one)", ""]
+    if results["diverged"]:
+        md += ["## Diverged runs", "",
+               "A non-finite training loss stopped these runs; their later sessions were skipped. Their metrics up "
+               "to the last finished epoch are in their `runs/` folder; they are left out of the tables, figures "
+               "and comparisons above.", "",
+               "| dataset | arm | seed | session | step | epochs finished |", "|---|---|---|---|---|---|"]
+        md += [f"| {d['dataset']} | {d['arm']} | {d['seed']} | {d['session']} | {d['step']} | {d['epochs_finished']} |"
+               for d in results["diverged"]]
+        md.append("")
     md += ["## Figures", ""]
     for f in figures:
         md += [f"![{f.stem}](figures/{f.name})", ""]

@@ -8,9 +8,11 @@ Every file that must survive a crash is written to a temporary name and renamed.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import os
 import tomllib
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,30 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 class Store:
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, keep_checkpoints: bool = False):
         self.out = Path(out)
+        self.keep_checkpoints = keep_checkpoints
+
+    # -- one writer
+    @contextmanager
+    def lock(self):
+        """Hold OUT/.lock for the whole run. The kernel drops a flock when its process
+        dies, however it dies, so a lock left by a killed run never blocks."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise UserError(f"{self.out} is in use by another optstate run (process {holder}); wait for it to "
+                                f"finish, stop it, or use another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # -- study and plan
     def begin(self, study: Study, plan: Plan) -> Plan:
@@ -67,8 +91,22 @@ class Store:
             previous = Plan.from_json(old.read_text())
             for node_id, node in plan.nodes.items():
                 prev = previous.nodes.get(node_id)
-                if prev and prev.status == "done" and self.checkpoint_path(node_id).exists():
-                    node.status = "done"
+                # A finished node is kept when its metrics are; a diverged one would diverge again.
+                if prev and prev.status in ("done", "diverged") and (self.node_dir(node_id) / "epochs.csv").exists():
+                    node.status, node.diverged_at = prev.status, prev.diverged_at
+            # A node still to train needs its parent's final checkpoint; if that is gone, train the parent again.
+            missing = True
+            while missing:
+                missing = False
+                for node in plan.nodes.values():
+                    parent = plan.nodes.get(node.parent) if node.parent else None
+                    if node.status == "pending" and parent and parent.status == "done" \
+                            and not self.checkpoint_path(parent.id).exists():
+                        parent.status, missing = "pending", True
+            for node in plan.nodes.values():
+                if node.status == "diverged":
+                    for d in plan.descendants(node.id):
+                        d.status = "skipped"
         self.write_plan(plan)
         return plan
 
@@ -91,9 +129,15 @@ class Store:
     def progress_path(self, node_id: str) -> Path:
         return self.node_dir(node_id) / "progress.pt"
 
-    def save_progress(self, node_id: str, payload: dict[str, Any]) -> None:
-        """The node's state at an epoch end, so that a killed run continues from there."""
-        _save_torch(self.progress_path(node_id), payload)
+    def save_progress(self, node_id: str, payload: dict[str, Any], global_epoch: int) -> None:
+        """The node's state at an epoch end, so that a killed run continues from there.
+        With keep_checkpoints it also stays as epoch<NNN>.pt (a hard link, no copy)."""
+        path = self.progress_path(node_id)
+        _save_torch(path, payload)
+        if self.keep_checkpoints:
+            kept = self.node_dir(node_id) / f"epoch{global_epoch:03d}.pt"
+            kept.unlink(missing_ok=True)
+            os.link(path, kept)
 
     def load_progress(self, node_id: str, device: torch.device | str = "cpu") -> dict[str, Any] | None:
         path = self.progress_path(node_id)
@@ -103,6 +147,14 @@ class Store:
 
     def clear_progress(self, node_id: str) -> None:
         self.progress_path(node_id).unlink(missing_ok=True)
+
+    def prune(self, plan: Plan) -> None:
+        """Delete final checkpoints that no node still to train needs (unless keep_checkpoints)."""
+        if self.keep_checkpoints:
+            return
+        for node in plan.nodes.values():
+            if node.status == "done" and all(c.status != "pending" for c in plan.children(node.id)):
+                self.checkpoint_path(node.id).unlink(missing_ok=True)
 
     def write_node_metrics(self, node_id: str, epochs: list[dict], steps: list[dict], momentum: str) -> None:
         d = self.node_dir(node_id)
@@ -116,10 +168,14 @@ class Store:
     def tensorboard_dir(self, run: Run) -> Path:
         return self.out / "tensorboard" / run.dataset / arm_folder(run.arm) / f"seed{run.seed}"
 
-    def materialize_run(self, run: Run) -> None:
-        """runs/<dataset>/<arm>/seed<k>/{epochs,steps}.csv from the run's nodes, root to leaf."""
+    def materialize_run(self, run: Run, plan: Plan) -> None:
+        """runs/<dataset>/<arm>/seed<k>/{epochs,steps}.csv from the run's nodes, root to leaf
+        (up to and including a diverged one)."""
+        nodes = [n for n in run.nodes if plan.nodes[n].status in ("done", "diverged")]
+        if not nodes:
+            return
         for name in ("epochs.csv", "steps.csv"):
-            parts = [(self.node_dir(n) / name).read_text().splitlines(keepends=True) for n in run.nodes]
+            parts = [(self.node_dir(n) / name).read_text().splitlines(keepends=True) for n in nodes]
             text = parts[0][0] + "".join(line for p in parts for line in p[1:])
             write_atomic(self.run_dir(run) / name, text)
 

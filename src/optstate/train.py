@@ -8,7 +8,6 @@ every epoch end; save the end state for the children.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +19,6 @@ from torch.utils.tensorboard import SummaryWriter
 from optstate import models
 from optstate.data.batches import Batches
 from optstate.data.images import ImageData
-from optstate.errors import UserError
 from optstate.handoff import HANDOFFS, NextSession
 from optstate.plan import Node, Plan
 from optstate.schedules import SCHEDULES, momentum_of
@@ -46,6 +44,14 @@ class Context:
     def __post_init__(self):
         probe = make_optimizer([torch.zeros(1, requires_grad=True)], self.study, 1e-3)
         self.momentum_name = "momentum" if "momentum" in probe.defaults and "betas" not in probe.defaults else "beta1"
+
+
+class Diverged(Exception):
+    """A node's training loss became non-finite at global step `step`; its metrics so far are written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"non-finite training loss at step {step}")
+        self.step = step
 
 
 def derive_seed(*parts) -> int:
@@ -128,6 +134,9 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
     writers = [SummaryWriter(str(ctx.store.tensorboard_dir(r)), purge_step=step0 + done * spe if done else None)
                for r in runs]
     mom = ctx.momentum_name
+    # The first step whose loss was not finite, kept on the device so that watching costs no sync;
+    # it is read where the loop syncs anyway (logged steps, epoch ends).
+    first_bad = torch.full((), -1, dtype=torch.int64, device=ctx.device)
     try:
         for e in range(done, node.epochs):
             ctx.on_epoch(node, e)
@@ -149,6 +158,7 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step0 + k, first_bad)
                 loss.backward()
                 optimizer.step()
                 if scheduler is not None and k + 1 < total:  # never past the schedule's last step
@@ -157,7 +167,13 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
-                if k == 0 or (step0 + k) % study.log_every == 0:
+                logged = k == 0 or (step0 + k) % study.log_every == 0
+                if (logged or i + 1 == spe) and first_bad.item() >= 0:
+                    ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, mom)
+                    ctx.store.clear_progress(node.id)
+                    ctx.on_step(total - k)  # the bar skips what this node will not train
+                    raise Diverged(first_bad.item())
+                if logged:
                     row = {"step": step0 + k, "session": node.session + 1, "global_epoch": global_epoch + 1,
                            "lr": lr, mom: beta, "loss": loss.item(), "acc": correct.item() / seen}
                     step_rows.append(row)
@@ -169,10 +185,6 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                             w.add_scalar(f"schedule/{mom}", beta, row["step"])
                 ctx.on_step(1)
             train_loss = loss_sum.item() / seen
-            if not math.isfinite(train_loss):
-                raise UserError(f"{node.dataset} {', '.join(node.arms)} seed {node.seed} diverged in session "
-                                f"{node.session + 1} (non-finite training loss); lower its learning rate and "
-                                f"run again with another --out")
             row = {"session": node.session + 1, "epoch": e + 1, "global_epoch": global_epoch + 1,
                    "step": step0 + (e + 1) * spe, "train_loss": train_loss, "train_acc": correct.item() / seen,
                    **evaluate(model, b), "lr": lr, "seconds": time.perf_counter() - t0}
@@ -187,7 +199,7 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 ctx.store.save_progress(node.id, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "epoch_rows": epoch_rows, "step_rows": step_rows})
+                    "epoch_rows": epoch_rows, "step_rows": step_rows}, global_epoch + 1)
     finally:
         for w in writers:
             w.close()
