@@ -56,9 +56,10 @@ def test_smoke_study_writes_every_file_of_the_output_contract(smoke_dir):
         assert events
     results = json.loads((out / "results.json").read_text())
     assert {r["arm"] for r in results["runs"]} == {"constant/new", "constant/keep", "onecycle/new", "onecycle/keep"}
-    assert any("`keep` instead of `new`" in line for line in results["answer"])
+    assert any("`new` instead of `keep`" in line for line in results["answer"])
     report = (out / "report.md").read_text()
-    assert report.startswith("# optstate study `smoke`") and "## The answer" in report
+    assert report.startswith("# optstate study `smoke`") and "## Verdict" in report
+    assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "figures/fashion-mnist-embedded-curves.png" in report and "```toml" in report
     assert "trained 10 epochs; without sharing sessions it would have been 12" in p.stdout
 
@@ -155,3 +156,14 @@ def test_a_diverged_arm_is_reported_and_every_other_run_completes(smoke_dir, tmp
     assert rows(out, "constant-keep") == rows(base, "constant-keep")[:1]  # up to the divergence
     again = optstate("run", "--preset", "smoke", "--set", 'sessions.1."constant/keep".lr=1e30', "--out", str(out))
     assert again.returncode == 0 and "(8 already done, 2 diverged or skipped)" in again.stdout
+
+
+def test_bench_measures_the_diagnostics_side_by_side(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--model", "small-cnn", "--image-size", "28", "--batch-size", "16", "--steps", "3",
+                 "--blocks", "1", "--log-every", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["model"] == "small-cnn" and result["bound_img_s"] > 0 and result["bound_with_diagnostics_img_s"] > 0
+    assert result["diagnostics_overhead"] == pytest.approx(result["bound_img_s"] / result["bound_with_diagnostics_img_s"] - 1)
+    assert "diagnostics overhead" in capsys.readouterr().out
+    assert main(["bench", "--model", "nope"]) == 2

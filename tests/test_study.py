@@ -63,7 +63,7 @@ def test_bad_keys_and_values_are_errors_naming_the_key(tmp_path, text, key):
     ("epochs = 1\nconstant = { lr = 1e-3 }\nonecycle = { max_lr = 1e-2, pct_start = 1.5 }", "`sessions[0].onecycle.pct_start`"),
     ("epochs = 1\nconstant = { lr = 1e-3 }", "`sessions[0].onecycle.max_lr`"),
     ("epochs = 0\nconstant = { lr = 1e-3 }\nonecycle = { max_lr = 1e-2 }", "`sessions[0].epochs`"),
-    ("epochs = 1\nconstant = { lr = 1e-3 }\nonecycle = { max_lr = 1e-2 }\ncosine = {}", "`sessions[0].cosine`"),
+    ("epochs = 1\nconstant = { lr = 1e-3 }\nonecycle = { max_lr = 1e-2 }\nlinear = {}", "`sessions[0].linear`"),
 ])
 def test_session_errors_name_the_key(tmp_path, session, key):
     text = 'datasets = ["fashion-mnist-embedded"]\nmodel = "small-cnn"\n[[sessions]]\n' + session + "\n"

@@ -18,11 +18,25 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a study key with a TOML value, e.g. --set seeds=2, "
                         "--set 'arms=[\"onecycle/keep\"]', --set optimizer.weight_decay=0.01")
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                   help="import MODULE (a module name or a .py file) before reading the arms, so that its "
+                        "@register(...) handoffs can be used; recorded in the study's `plugins`")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="where datasets are kept (default: $OPTSTATE_DATA, else ~/.cache/optstate)")
     p.add_argument("--mirror", help="host to download archives from instead of fast.ai's (or $OPTSTATE_MIRROR)")
+
+
+def _target_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", type=float, default=0.95, metavar="FRACTION",
+                   help="time to target: epochs until validation top-1 reaches FRACTION of the best arm's mean "
+                        "final (default 0.95); analysis only, not part of the study")
+
+
+def _check_target(args) -> None:
+    if not 0 < args.target <= 1:
+        raise UserError(f"--target must be a fraction in (0, 1], got {args.target}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,14 +55,28 @@ def parser() -> argparse.ArgumentParser:
                      help="keep every node's final checkpoint and one checkpoint per epoch (default: only those "
                           "that sessions still to train need)")
     _data_args(run)
+    _target_arg(run)
 
-    rep = sub.add_parser("report", help="rebuild results.json, figures and report.md from a run directory")
+    rep = sub.add_parser("report", help="rebuild results.json, figures, report.md and report.html from a run directory")
     rep.add_argument("dir")
+    _target_arg(rep)
 
     ins = sub.add_parser("inspect", help="print an optimizer's param_groups and state around each handoff")
     _study_args(ins)
     ins.add_argument("--arm", default="onecycle/keep", help="arm to follow (default onecycle/keep)")
     ins.add_argument("--steps", type=int, default=6, help="steps per session (default 6)")
+
+    b = sub.add_parser("bench", help="measure training speed side by side (so far: the cost of the state diagnostics)",
+                       epilog=EPILOG)
+    b.add_argument("--model", default="resnet50")
+    b.add_argument("--image-size", type=int, default=128)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--steps", type=int, default=10, help="steps per timed block (default 10)")
+    b.add_argument("--blocks", type=int, default=3, help="timed blocks per variant, alternating (default 3)")
+    b.add_argument("--log-every", type=int, default=10, help="diagnostics every N steps, as the study's log_every")
+    b.add_argument("--optimizer", default="adam")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
 
     data = sub.add_parser("data", help="datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -64,17 +92,18 @@ def _run(args) -> int:
     from optstate.execute import run_study
     from optstate.report import build_report
 
-    study = studies.load(args.study, args.preset, args.sets)
+    _check_target(args)
+    study = studies.load(args.study, args.preset, args.sets, args.plugins)
     out = Path(args.out or f"runs/{study.name}")
     run_study(study, out, device=args.device, data_root=args.data_root,
               download=not args.no_download, mirror=args.mirror, keep_checkpoints=args.keep_checkpoints)
-    results = build_report(out)
+    results = build_report(out, args.target)
     print("")
     for line in results["answer"]:
         print(line)
     if results["comparisons"] and all(c["n"] == 1 for c in results["comparisons"]):
         print("(one seed per arm: no error bars; --set seeds=3 measures the spread)")
-    print(f"\nreport: {out / 'report.md'}   figures: {out / 'figures'}   "
+    print(f"\nreport: {out / 'report.md'} (and report.html)   figures: {out / 'figures'}   "
           f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     return 0
 
@@ -82,14 +111,15 @@ def _run(args) -> int:
 def _report(args) -> int:
     from optstate.report import build_report
 
+    _check_target(args)
     out = Path(args.dir)
     if not out.is_dir():
         raise UserError(f"{out} is not a directory")
     try:
-        build_report(out)
+        build_report(out, args.target)
     except (ValueError, KeyError) as e:  # a hand-edited or truncated CSV
         raise UserError(f"{out}: a metrics file is damaged ({type(e).__name__}: {e})") from None
-    print(f"rebuilt {out / 'results.json'}, {out / 'report.md'} and {out / 'figures'}")
+    print(f"rebuilt {out / 'results.json'}, {out / 'report.md'}, {out / 'report.html'} and {out / 'figures'}")
     return 0
 
 
@@ -97,12 +127,22 @@ def _inspect(args) -> int:
     from optstate import study as studies
     from optstate.review import review
 
-    study = studies.load(args.study, args.preset, args.sets)
+    study = studies.load(args.study, args.preset, args.sets, args.plugins)
     if args.arm not in study.arms:
         raise UserError(f"--arm {args.arm!r} is not one of the study's arms ({', '.join(study.arms)})")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     review(study, args.arm, args.steps)
+    return 0
+
+
+def _bench(args) -> int:
+    from optstate.bench import bench
+    from optstate.study import optimizer_class
+
+    optimizer_class(args.optimizer)  # a clear error for an unknown name
+    bench(args.model, args.image_size, args.batch_size, args.steps, args.blocks, args.log_every, args.device,
+          args.optimizer, args.json)
     return 0
 
 
@@ -120,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command is None:
         args = parser().parse_args(["run", *(argv or [])])
-    handlers = {"run": _run, "report": _report, "inspect": _inspect}
+    handlers = {"run": _run, "report": _report, "inspect": _inspect, "bench": _bench}
     try:
         if args.command == "data":
             if args.data_command != "fetch":

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import math
+
 import torch
 
 
@@ -42,6 +44,7 @@ class Schedule:
     settings: dict[str, Setting]
     defaults: dict[str, Any]
     attach: Callable[[torch.optim.Optimizer, dict, int], Any]
+    first_lr: Callable[[dict], float]  # the learning rate of a session's first step
     # why a session of this many steps cannot run these settings, or None
     check_steps: Callable[[dict, int], str | None] = lambda settings, steps: None
 
@@ -89,6 +92,29 @@ def _attach_onecycle(optimizer: torch.optim.Optimizer, settings: dict, total_ste
         raise UserError(f"onecycle schedule: {e}") from None
 
 
+def cosine_factor(settings: dict, total_steps: int) -> Callable[[int], float]:
+    """Step k's learning rate as a fraction of max_lr: a linear warm-up from 1/div_factor
+    over warmup_pct of the session, then a half cosine down to 1/final_div_factor at the last step."""
+    warm = int(float(settings["warmup_pct"]) * total_steps)
+    start, floor = 1 / float(settings["div_factor"]), 1 / float(settings["final_div_factor"])
+
+    def factor(k: int) -> float:
+        if k < warm:
+            return start + (1 - start) * k / warm
+        progress = (k - warm) / max(1, total_steps - 1 - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _attach_cosine(optimizer: torch.optim.Optimizer, settings: dict, total_steps: int):
+    # LambdaLR only *sets default* initial_lr, so a kept optimizer would scale the previous
+    # session's peak; set this session's peak explicitly (the trap OneCycle avoids by overwriting).
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"] = float(settings["max_lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_factor(settings, total_steps))
+
+
 _EPOCHS = Setting(int, _positive, "a whole number of epochs > 0")
 
 SCHEDULES: dict[str, Schedule] = {
@@ -97,6 +123,7 @@ SCHEDULES: dict[str, Schedule] = {
         settings={"lr": Setting(_NUM, _positive, "> 0", required=True), "epochs": _EPOCHS},
         defaults={},
         attach=_attach_constant,
+        first_lr=lambda s: float(s["lr"]),
     ),
     "onecycle": Schedule(
         name="onecycle",
@@ -124,7 +151,21 @@ SCHEDULES: dict[str, Schedule] = {
             "three_phase": False,
         },
         attach=_attach_onecycle,
+        first_lr=lambda s: float(s["max_lr"]) / float(s["div_factor"]),
         check_steps=_onecycle_steps,
+    ),
+    "cosine": Schedule(
+        name="cosine",
+        settings={
+            "max_lr": Setting(_NUM, _positive, "> 0", required=True),
+            "warmup_pct": Setting(_NUM, _unit, "in [0, 1)"),
+            "div_factor": Setting(_NUM, _positive, "> 0"),
+            "final_div_factor": Setting(_NUM, _positive, "> 0"),
+            "epochs": _EPOCHS,
+        },
+        defaults={"warmup_pct": 0.1, "div_factor": 25.0, "final_div_factor": 1e4},
+        attach=_attach_cosine,
+        first_lr=lambda s: float(s["max_lr"]) * cosine_factor(s, 2**31)(0),
     ),
 }
 

@@ -26,8 +26,9 @@ EPOCH_COLUMNS = ["session", "epoch", "global_epoch", "step", "train_loss", "trai
                  "val_loss", "val_acc", "val_top3", "lr", "seconds"]
 
 
-def step_columns(momentum: str) -> list[str]:
-    return ["step", "session", "global_epoch", "lr", momentum, "loss", "acc"]
+def step_columns(momentum: str, state_keys: list[str]) -> list[str]:
+    return (["step", "session", "global_epoch", "lr", momentum, "loss", "acc"]
+            + [f"norm_{k}" for k in state_keys] + ["update_ratio"])
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
@@ -156,10 +157,10 @@ class Store:
             if node.status == "done" and all(c.status != "pending" for c in plan.children(node.id)):
                 self.checkpoint_path(node.id).unlink(missing_ok=True)
 
-    def write_node_metrics(self, node_id: str, epochs: list[dict], steps: list[dict], momentum: str) -> None:
+    def write_node_metrics(self, node_id: str, epochs: list[dict], steps: list[dict], columns: list[str]) -> None:
         d = self.node_dir(node_id)
         write_atomic(d / "epochs.csv", _csv(EPOCH_COLUMNS, epochs))
-        write_atomic(d / "steps.csv", _csv(step_columns(momentum), steps))
+        write_atomic(d / "steps.csv", _csv(columns, steps))
 
     # -- runs
     def run_dir(self, run: Run) -> Path:

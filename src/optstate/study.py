@@ -6,10 +6,14 @@ validated dict and answers questions about it. Every error names the key.
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import inspect
 import json
 import math
+import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 
 from optstate.errors import UserError
-from optstate.handoff import HANDOFFS
+from optstate.handoff import HANDOFFS, NextSession, NotApplicable
 from optstate.schedules import SCHEDULES
 
 PRESETS = ("embedded", "smoke", "seed", "seed-faithful")
@@ -38,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "log_every": 10,
     "optimizer": {"name": "adam"},
     "arms": ["constant/new", "constant/keep", "onecycle/new", "onecycle/keep"],
+    "plugins": [],
 }
 REQUIRED = ("datasets", "model", "sessions")
 KEYS = set(DEFAULTS) | set(REQUIRED)
@@ -96,6 +101,16 @@ def _check_optimizer(opt: Any) -> dict:
 def optimizer_kwargs(opt: dict) -> dict:
     """The optimizer table as constructor keyword arguments (TOML lists become tuples)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in opt.items() if k != "name"}
+
+
+def probe_optimizer(opt: dict, params: list) -> "torch.optim.Optimizer":
+    """The study's optimizer for a probe on the CPU: device-only options (capturable, fused) off,
+    since probes only look at which state the optimizer keeps and what a handoff does to it."""
+    kwargs = optimizer_kwargs(opt)
+    for k in ("capturable", "fused"):
+        if k in kwargs:
+            kwargs[k] = False if k == "capturable" else None
+    return optimizer_class(opt["name"])(params, lr=1e-3, **kwargs)
 
 
 def optimizer_class(name: str) -> type:
@@ -208,7 +223,33 @@ def validate(raw: dict) -> dict:
             for name, spec in SCHEDULES[a.partition("/")[0]].settings.items():
                 if spec.required and name not in settings:
                     raise _fail(f"{where}.{a.partition('/')[0]}.{name}", f"is required by the arm {a}")
+    _probe_handoffs(out)
     return out
+
+
+def _probe_handoffs(out: dict) -> None:
+    """Run each arm's handoff once on a tiny optimizer of the study's kind, so that one that
+    cannot apply (reset-v on SGD, a plugin's bug) is refused before any data is read."""
+    for arm in out["arms"]:
+        schedule, _, name = arm.partition("/")
+        param = torch.zeros(2, 2, requires_grad=True)
+        model = torch.nn.Module()
+        model.weight = param
+
+        def fresh(param=param):
+            return probe_optimizer(out["optimizer"], [param])
+
+        optimizer = fresh()
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        session = NextSession(1, schedule, arm_settings(out, arm, min(1, len(out["sessions"]) - 1)), 1, 10, fresh)
+        try:
+            HANDOFFS[name](model, optimizer, session)
+        except NotApplicable as e:
+            raise _fail("arms", f"has {arm!r}, but the {name} handoff does not apply to this optimizer: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a user's handoff failing on a probe is a bad study, not a crash
+            raise _fail("arms", f"has {arm!r}: the {name} handoff failed on a probe optimizer "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def dataset_label(entry: str) -> str:
@@ -298,7 +339,8 @@ def apply_set(raw: dict, assignment: str) -> None:
         raise UserError(f"--set {key}: {'.'.join(parts[:-1])} is not a table")
 
 
-def load(path: str | Path | None = None, preset_name: str | None = None, sets: list[str] = ()) -> Study:
+def load(path: str | Path | None = None, preset_name: str | None = None, sets: list[str] = (),
+         plugins: list[str] = ()) -> Study:
     """Preset (default `embedded` when no file is given), then the file's keys, then --set."""
     raw: dict = {}
     if preset_name or path is None:
@@ -315,7 +357,38 @@ def load(path: str | Path | None = None, preset_name: str | None = None, sets: l
     raw = copy.deepcopy(DEFAULTS) | raw  # so that --set optimizer.weight_decay=... extends the default table
     for s in sets:
         apply_set(raw, s)
+    if plugins:
+        if not isinstance(raw["plugins"], list):
+            raise _fail("plugins", 'must be a list of module names, e.g. ["my_handoffs"]')
+        raw["plugins"] = list(dict.fromkeys([*raw["plugins"], *plugins]))
+    load_plugins(raw["plugins"])
     return Study(validate(raw))
+
+
+def load_plugins(names: Any) -> None:
+    """Import the user's modules (a module name, or a path to a .py file) so that their
+    @register calls add handoffs before the arms are checked."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise _fail("plugins", 'must be a list of module names, e.g. ["my_handoffs"]')
+    if os.getcwd() not in sys.path:  # the console script does not put the working folder on the path
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name).resolve()
+                if path.stem in sys.modules and getattr(sys.modules[path.stem], "__file__", None) == str(path):
+                    continue
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                if spec is None or not path.is_file():
+                    raise ImportError(f"no such file {path}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's module is a bad study
+            sys.modules.pop(Path(name).stem if name.endswith(".py") else name, None)
+            raise _fail("plugins", f"cannot load {name!r}: {type(e).__name__}: {e}") from None
 
 
 # -- a small TOML writer for resolved studies (scalars, lists, tables, arrays of tables)

@@ -22,8 +22,8 @@ from optstate.data.images import ImageData
 from optstate.handoff import HANDOFFS, NextSession
 from optstate.plan import Node, Plan
 from optstate.schedules import SCHEDULES, momentum_of
-from optstate.store import Store
-from optstate.study import Study, optimizer_class, optimizer_kwargs
+from optstate.store import Store, step_columns
+from optstate.study import Study, optimizer_class, optimizer_kwargs, probe_optimizer
 
 
 @dataclass
@@ -40,10 +40,17 @@ class Context:
     on_step: Callable[[int], None] = lambda n: None
     on_epoch: Callable[[Node, int], None] = lambda node, epoch: None
     momentum_name: str = field(init=False)
+    state_keys: list[str] = field(init=False)  # per-parameter buffers this optimizer keeps, e.g. exp_avg
+    step_columns: list[str] = field(init=False)
 
     def __post_init__(self):
-        probe = make_optimizer([torch.zeros(1, requires_grad=True)], self.study, 1e-3)
+        param = torch.zeros(2, requires_grad=True)
+        probe = probe_optimizer(self.study.optimizer, [param])
         self.momentum_name = "momentum" if "momentum" in probe.defaults and "betas" not in probe.defaults else "beta1"
+        param.grad = torch.ones_like(param)
+        probe.step()
+        self.state_keys = [k for k, v in probe.state[param].items() if torch.is_tensor(v) and v.shape == param.shape]
+        self.step_columns = step_columns(self.momentum_name, self.state_keys)
 
 
 class Diverged(Exception):
@@ -65,9 +72,7 @@ def make_optimizer(params, study: Study, lr: float) -> torch.optim.Optimizer:
 
 def start_lr(schedule: str, settings: dict) -> float:
     """The learning rate a session's first step uses (what a fresh optimizer is built with)."""
-    if schedule == "constant":
-        return float(settings["lr"])
-    return float(settings["max_lr"]) / float(settings["div_factor"])
+    return SCHEDULES[schedule].first_lr(settings)
 
 
 def start_node(node: Node, ctx: Context):
@@ -91,6 +96,20 @@ def start_node(node: Node, ctx: Context):
         optimizer = HANDOFFS[node.handoff](model, optimizer, session)
     scheduler = SCHEDULES[node.schedule].attach(optimizer, node.settings, steps)
     return model, optimizer, scheduler
+
+
+@torch.no_grad()
+def diagnostics(optimizer: torch.optim.Optimizer, before: list[torch.Tensor], keys: list[str]) -> dict[str, float]:
+    """The norm of each kind of state buffer over all parameters, and ||Δθ|| / ||θ|| of the step just taken."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norms = []
+    for key in keys:
+        buffers = [s[key] for s in optimizer.state.values() if torch.is_tensor(s.get(key))]
+        norms.append(torch.stack(torch._foreach_norm(buffers)).norm() if buffers else torch.zeros((), device=before[0].device))
+    step = torch.stack(torch._foreach_norm(torch._foreach_sub([p.detach() for p in params], before))).norm()
+    size = torch.stack(torch._foreach_norm(before)).norm()
+    values = torch.stack([n.float() for n in norms] + [step / size]).tolist()  # one sync
+    return {f"norm_{k}": v for k, v in zip(keys, values)} | {"update_ratio": values[-1]}
 
 
 @torch.inference_mode()
@@ -154,6 +173,9 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 k = e * spe + i  # step within the session
                 group = optimizer.param_groups[0]
                 lr, beta = float(group["lr"]), momentum_of(group)  # what this step uses
+                logged = k == 0 or (step0 + k) % study.log_every == 0
+                if logged:  # the weights before the step, for the update size
+                    before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
 
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
@@ -167,15 +189,15 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
-                logged = k == 0 or (step0 + k) % study.log_every == 0
                 if (logged or i + 1 == spe) and first_bad.item() >= 0:
-                    ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, mom)
+                    ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, ctx.step_columns)
                     ctx.store.clear_progress(node.id)
                     ctx.on_step(total - k)  # the bar skips what this node will not train
                     raise Diverged(first_bad.item())
                 if logged:
+                    state = diagnostics(optimizer, before, ctx.state_keys)
                     row = {"step": step0 + k, "session": node.session + 1, "global_epoch": global_epoch + 1,
-                           "lr": lr, mom: beta, "loss": loss.item(), "acc": correct.item() / seen}
+                           "lr": lr, mom: beta, "loss": loss.item(), "acc": correct.item() / seen, **state}
                     step_rows.append(row)
                     for w in writers:
                         w.add_scalar("train/loss", row["loss"], row["step"])
@@ -183,6 +205,8 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                         w.add_scalar("schedule/lr", lr, row["step"])
                         if beta is not None:
                             w.add_scalar(f"schedule/{mom}", beta, row["step"])
+                        for key, value in state.items():
+                            w.add_scalar(f"state/{key}", value, row["step"])
                 ctx.on_step(1)
             train_loss = loss_sum.item() / seen
             row = {"session": node.session + 1, "epoch": e + 1, "global_epoch": global_epoch + 1,
@@ -203,7 +227,7 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
     finally:
         for w in writers:
             w.close()
-    ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, mom)
+    ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, ctx.step_columns)
     ctx.store.save_checkpoint(node.id, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "global_epoch": node.first_epoch + node.epochs, "steps": total})
     ctx.store.clear_progress(node.id)
