@@ -116,6 +116,8 @@ def _attach_cosine(optimizer: torch.optim.Optimizer, settings: dict, total_steps
 
 
 _EPOCHS = Setting(int, _positive, "a whole number of epochs > 0")
+_MAX_LR = Setting(_NUM, _positive, "> 0", required=True)
+_FACTOR = Setting(_NUM, _positive, "> 0")
 
 SCHEDULES: dict[str, Schedule] = {
     "constant": Schedule(
@@ -128,9 +130,9 @@ SCHEDULES: dict[str, Schedule] = {
     "onecycle": Schedule(
         name="onecycle",
         settings={
-            "max_lr": Setting(_NUM, _positive, "> 0", required=True),
-            "div_factor": Setting(_NUM, _positive, "> 0"),
-            "final_div_factor": Setting(_NUM, _positive, "> 0"),
+            "max_lr": _MAX_LR,
+            "div_factor": _FACTOR,
+            "final_div_factor": _FACTOR,
             "pct_start": Setting(_NUM, _unit_open, "between 0 and 1"),
             "anneal_strategy": Setting(str, lambda v: v in ("cos", "linear"), '"cos" or "linear"'),
             "cycle_momentum": Setting(bool),
@@ -157,10 +159,10 @@ SCHEDULES: dict[str, Schedule] = {
     "cosine": Schedule(
         name="cosine",
         settings={
-            "max_lr": Setting(_NUM, _positive, "> 0", required=True),
+            "max_lr": _MAX_LR,
             "warmup_pct": Setting(_NUM, _unit, "in [0, 1)"),
-            "div_factor": Setting(_NUM, _positive, "> 0"),
-            "final_div_factor": Setting(_NUM, _positive, "> 0"),
+            "div_factor": _FACTOR,
+            "final_div_factor": _FACTOR,
             "epochs": _EPOCHS,
         },
         defaults={"warmup_pct": 0.1, "div_factor": 25.0, "final_div_factor": 1e4},
