@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from helpers import make_folder
 from optstate.cli import main
 from optstate.store import EPOCH_COLUMNS
 
@@ -111,7 +112,7 @@ def test_inspect_shows_what_each_handoff_does():
     (["inspect", "--arm", "cosine/keep"], "not one of the study's arms"),
     (["run", "--preset", "smoke", "--out", "/dev/null/out"], "/dev/null"),
     (["run", "--preset", "smoke", "--set", "sessions.0.onecycle.pct_start=0.01"], "no warm-up"),
-    (["run", "--preset", "smoke", "--set", "optimizer.capturable=true"], "cannot run on cpu"),
+    (["run", "--preset", "smoke", "--set", 'optimizer={name="nadam", capturable=true}'], "cannot run on cpu"),
     (["run", "--preset", "smoke", "--set", 'optimizer={name="adagrad"}'], "momentum"),
     (["inspect", "--steps", "2"], "no warm-up"),
 ])
@@ -158,12 +159,31 @@ def test_a_diverged_arm_is_reported_and_every_other_run_completes(smoke_dir, tmp
     assert again.returncode == 0 and "(8 already done, 2 diverged or skipped)" in again.stdout
 
 
-def test_bench_measures_the_diagnostics_side_by_side(tmp_path, capsys):
+def test_bench_times_original_optstate_and_bound_side_by_side(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--model", "small-cnn", "--image-size", "28", "--batch-size", "16", "--steps", "3",
                  "--blocks", "1", "--log-every", "1", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
-    assert result["model"] == "small-cnn" and result["bound_img_s"] > 0 and result["bound_with_diagnostics_img_s"] > 0
-    assert result["diagnostics_overhead"] == pytest.approx(result["bound_img_s"] / result["bound_with_diagnostics_img_s"] - 1)
-    assert "diagnostics overhead" in capsys.readouterr().out
+    for key in ("device", "model", "image_size", "batch_size", "original_img_s", "optstate_img_s", "bound_img_s",
+                "ratio_vs_original", "ratio_vs_bound", "seed_preset_projected_s"):
+        assert key in result, key
+    assert result["model"] == "small-cnn" and result["image_size"] == 28 and result["batch_size"] == 16
+    assert result["ratio_vs_original"] == pytest.approx(result["optstate_img_s"] / result["original_img_s"])
+    assert result["ratio_vs_bound"] == pytest.approx(result["optstate_img_s"] / result["bound_img_s"])
+    p = result["seed_preset_projection"]
+    assert p["epochs"] == 160  # the seed study's run tree: 80 epochs per dataset
+    assert result["seed_preset_projected_s"] == pytest.approx(p["train_s"] + p["eval_s"] + p["decode_s"])
+    # 2 x 80 epochs x 9400 (9469 // 100 * 100) + 9000 training images at the measured speed
+    assert p["train_s"] == pytest.approx(80 * (9400 + 9000) / result["optstate_img_s"])
+    out = capsys.readouterr().out
+    assert "original (PIL per item" in out and "--preset seed here" in out
+
+
+def test_bench_reads_an_image_folder(tmp_path, capsys):
+    root = make_folder(tmp_path / "imgs", ["a", "b"], per_class=(10, 2))
+    assert main(["bench", "--model", "small-cnn", "--image-size", "16", "--batch-size", "8", "--steps", "2",
+                 "--blocks", "1", "--data", str(root)]) == 0
+    assert f"images: {root}" in capsys.readouterr().out
+    assert main(["bench", "--model", "small-cnn", "--batch-size", "64", "--data", str(root)]) == 2
+    assert "fewer than one batch of 64" in capsys.readouterr().err
     assert main(["bench", "--model", "nope"]) == 2

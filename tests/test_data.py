@@ -60,18 +60,51 @@ def test_overlap_between_train_and_val_is_refused_naming_files(tmp_path):
         datasets.load(str(root), smoke("image_size=16"), tmp_path)
 
 
-def test_folder_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
+def test_folder_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "d", ["a", "b"])
     st = smoke("image_size=16", "train_images=0", "val_images=0")
     first = datasets.load(str(root), st, tmp_path)
-    caches = sorted((tmp_path / "cache").glob("*.npy"))
-    assert len(caches) == 2
+    caches = sorted((tmp_path / "cache").iterdir())
+    assert len(caches) == 1 and (caches[0] / "train.npy").exists()
+    # the second load decodes nothing: it maps the cache's arrays
+    monkeypatch.setattr(folder, "decode", lambda *a: pytest.fail("decoded again"))
     again = datasets.load(str(root), st, tmp_path)
-    assert torch.equal(first.train.images, again.train.images)
-    assert sorted((tmp_path / "cache").glob("*.npy")) == caches
+    assert torch.equal(first.train.images, again.train.images) and torch.equal(first.val.labels, again.val.labels)
+    assert sorted((tmp_path / "cache").iterdir()) == caches
+    monkeypatch.undo()
     (root / "train" / "a" / "new.JPEG").write_bytes(image_bytes(999))
     changed = datasets.load(str(root), st, tmp_path)
     assert len(changed.train) == len(first.train) + 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] != [p.name for p in caches]  # the stale one is gone
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    os.utime(root / "val" / "b" / "b_0.JPEG", ns=(1, 1))  # touched: rebuilt
+    calls = []
+    real = folder.decode
+    monkeypatch.setattr(folder, "decode", lambda *a: calls.append(a) or real(*a))
+    datasets.load(str(root), st, tmp_path)
+    assert len(calls) == len(changed.train) + len(changed.val)
+
+
+def test_files_that_cannot_be_decoded_are_left_out_and_listed(tmp_path):
+    root = make_folder(tmp_path / "d", ["a", "b"])
+    good = (root / "train" / "a" / "a_1.JPEG").read_bytes()
+    (root / "train" / "a" / "truncated.JPEG").write_bytes(good[: len(good) // 2])
+    (root / "train" / "b" / "notes.jpg").write_text("not an image")
+    (root / "val" / "a" / "empty.png").write_bytes(b"")
+    st = smoke("image_size=16", "train_images=0", "val_images=0")
+    data = datasets.load(str(root), st, tmp_path)
+    assert sorted(data.skipped) == ["train/a/truncated.JPEG", "train/b/notes.jpg", "val/a/empty.png"]
+    assert len(data.train) == 6 and len(data.val) == 4  # the good ones, with their labels
+    assert sorted(data.train.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert sorted(datasets.load(str(root), st, tmp_path).skipped) == sorted(data.skipped)  # from the cache
+
+
+def test_a_split_with_no_decodable_image_is_refused(tmp_path):
+    root = make_folder(tmp_path / "d", ["a"])
+    for p in (root / "val" / "a").iterdir():
+        p.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="none of its 2 images could be decoded"):
+        datasets.load(str(root), smoke("image_size=16"), tmp_path)
 
 
 def test_large_folders_decode_in_parallel_like_serially(tmp_path):
@@ -159,6 +192,41 @@ def test_crop_boxes_match_torchvision_draw_for_draw_statistics():
         assert abs(float(ours[:, k].mean() - theirs[:, k].mean())) < 5 * se * 2**0.5, name
         assert abs(float(ours[:, k].std() / theirs[:, k].std()) - 1) < 0.05, name
     assert (ours[:, :2] == ours[:, :2].round()).all()
+
+
+@pytest.mark.parametrize("size,scale", [(146, (0.35, 1.0)), (146, (0.08, 1.0)), (32, (0.2, 0.6))])
+def test_crop_scales_and_aspect_ratios_have_torchvision_distributions(size, scale):
+    """Two-sample Kolmogorov-Smirnov tests, ours against RandomResizedCrop.get_params, on 20k draws each."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomResizedCrop
+
+    n, ratio = 20000, (3 / 4, 4 / 3)
+    boxes = crop_boxes(n, size, scale, ratio, torch.Generator().manual_seed(3))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    torch.manual_seed(3)
+    img = torch.zeros(1, size, size)
+    theirs = torch.tensor([RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)]).float()
+    tw, th = theirs[:, 3], theirs[:, 2]
+    for name, a, b in (("area fraction", w * h / size**2, tw * th / size**2), ("aspect ratio", w / h, tw / th),
+                       ("left edge / free room", boxes[:, 0] / (size - w + 1), theirs[:, 1] / (size - tw + 1))):
+        assert ks_2samp(a.numpy(), b.numpy()).pvalue > 1e-3, name
+
+
+def test_flip_rate_is_one_half_like_random_horizontal_flip(tmp_path):
+    from scipy.stats import binomtest
+
+    st = smoke("augment=\"standard\"", "image_size=24")
+    b = Batches(datasets.load("fashion-mnist-embedded", st, tmp_path), st, 24, torch.device("cpu"))
+    flips = torch.cat([b._draws(torch.Generator().manual_seed(e))[2].flatten() for e in range(5)])
+    assert binomtest(int(flips.sum()), len(flips), 0.5).pvalue > 1e-3
+    # and a flipped image in a batch is the mirror of its crop
+    order, boxes, flip = b._draws(torch.Generator().manual_seed(7))
+    x, _ = next(b.train_epoch(torch.Generator().manual_seed(7)))
+    i = int(flip[0].nonzero()[0])
+    from torchvision.ops import roi_align
+    src = b.train.images[order[0, i]].float().unsqueeze(0)
+    crop = roi_align(src, torch.cat([torch.zeros(1, 1), boxes[0, i:i + 1]], 1), 24, 1.0, 0, True)
+    assert torch.allclose(x[i], b._finish(crop.flip(3))[0], atol=1e-5)
 
 
 def test_roi_align_on_an_integer_box_is_the_plain_crop():

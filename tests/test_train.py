@@ -7,6 +7,7 @@ from optstate import plan as planning
 from optstate import study as studies
 from optstate.data.batches import Batches
 from optstate.store import Store
+from optstate.runtime import Runtime
 from optstate.train import Context, start_node, train_node
 
 
@@ -16,7 +17,7 @@ def setup(tmp_path, *sets):
     store = Store(tmp_path / "out")
     store.begin(st, plan)
     data = datasets.load(st.datasets[0], st, tmp_path)
-    ctx = Context(st, data, Batches(data, st, 28, torch.device("cpu")), 28, torch.device("cpu"), store, plan)
+    ctx = Context(st, data, Batches(data, st, 28, torch.device("cpu")), 28, Runtime(torch.device("cpu")), store, plan)
     return st, plan, store, ctx
 
 
@@ -76,7 +77,7 @@ def test_a_node_trains_the_same_twice(tmp_path):
 
 def test_both_branches_train_on_the_same_batches_after_the_fork(tmp_path):
     st, plan, store, ctx = setup(tmp_path, 'augment="standard"', "image_size=24")
-    ctx = Context(st, ctx.data, Batches(ctx.data, st, 24, torch.device("cpu")), 24, torch.device("cpu"), store, plan)
+    ctx = Context(st, ctx.data, Batches(ctx.data, st, 24, torch.device("cpu")), 24, Runtime(torch.device("cpu")), store, plan)
     seen = {}
     real = ctx.batches.train_epoch
 

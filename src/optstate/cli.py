@@ -50,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/<study name>); rerunning resumes")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--executor", choices=["local"], default="local")
+    run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                     help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
+                          "else fp32; a run directory keeps the precision it was started with")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     run.add_argument("--no-download", action="store_true", help="never download datasets; fail if missing")
     run.add_argument("--keep-checkpoints", action="store_true",
                      help="keep every node's final checkpoint and one checkpoint per epoch (default: only those "
@@ -66,16 +70,22 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("--arm", default="onecycle/keep", help="arm to follow (default onecycle/keep)")
     ins.add_argument("--steps", type=int, default=6, help="steps per session (default 6)")
 
-    b = sub.add_parser("bench", help="measure training speed side by side (so far: the cost of the state diagnostics)",
-                       epilog=EPILOG)
+    b = sub.add_parser("bench", epilog=EPILOG,
+                       help="time the original notebooks' loop, optstate's training path and the model alone, "
+                            "side by side")
     b.add_argument("--model", default="resnet50")
     b.add_argument("--image-size", type=int, default=128)
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--steps", type=int, default=10, help="steps per timed block (default 10)")
     b.add_argument("--blocks", type=int, default=3, help="timed blocks per variant, alternating (default 3)")
-    b.add_argument("--log-every", type=int, default=10, help="diagnostics every N steps, as the study's log_every")
-    b.add_argument("--optimizer", default="adam")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="optstate's and the bound's precision, as `optstate run --precision` (default auto)")
+    b.add_argument("--compile", action="store_true", help="torch.compile optstate's and the bound's model")
+    b.add_argument("--optimizer", default="adam")
+    b.add_argument("--data", type=Path, metavar="DIR",
+                   help="an image folder (train/<class>/, val/<class>/) to read instead of generated JPEGs")
+    b.add_argument("--log-every", type=int, default=10, help="state diagnostics every N steps, as a study's log_every")
     b.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
 
     data = sub.add_parser("data", help="datasets")
@@ -96,7 +106,8 @@ def _run(args) -> int:
     study = studies.load(args.study, args.preset, args.sets, args.plugins)
     out = Path(args.out or f"runs/{study.name}")
     run_study(study, out, device=args.device, data_root=args.data_root,
-              download=not args.no_download, mirror=args.mirror, keep_checkpoints=args.keep_checkpoints)
+              download=not args.no_download, mirror=args.mirror, keep_checkpoints=args.keep_checkpoints,
+              precision=args.precision, compile=args.compile)
     results = build_report(out, args.target)
     print("")
     for line in results["answer"]:
@@ -141,8 +152,8 @@ def _bench(args) -> int:
     from optstate.study import optimizer_class
 
     optimizer_class(args.optimizer)  # a clear error for an unknown name
-    bench(args.model, args.image_size, args.batch_size, args.steps, args.blocks, args.log_every, args.device,
-          args.optimizer, args.json)
+    bench(args.model, args.image_size, args.batch_size, args.steps, args.blocks, args.device, args.precision,
+          args.compile, args.optimizer, args.data, args.log_every, args.json)
     return 0
 
 

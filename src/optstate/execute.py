@@ -1,6 +1,7 @@
 """Run a study's plan on this machine: load data, train pending nodes in order, write runs."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,25 +12,19 @@ from optstate import data as datasets
 from optstate import models, plan as planning
 from optstate.data.batches import Batches
 from optstate.errors import UserError
-from optstate.store import Store
+from optstate.runtime import Runtime
+from optstate.store import Store, write_atomic
 from optstate.study import Study, dataset_label
 from optstate.schedules import SCHEDULES
 from optstate.train import Context, Diverged, make_optimizer, train_node
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available to PyTorch on this machine")
-    return torch.device(name)
-
-
 def preflight(study: Study, plan: planning.Plan, contexts: dict[str, Context], dev: torch.device) -> None:
     """Fail before any training on what only shows once device and step counts are known."""
     probe = torch.zeros(4, device=dev, requires_grad=True)
+    kernels = next(iter(contexts.values())).kernels
     try:
-        opt = make_optimizer([probe], study, 1e-3)
+        opt = make_optimizer([probe], study, 1e-3, kernels)
         probe.grad = torch.zeros_like(probe)
         opt.step()
     except Exception as e:  # noqa: BLE001 - e.g. capturable=true on a CPU
@@ -48,21 +43,23 @@ def preflight(study: Study, plan: planning.Plan, contexts: dict[str, Context], d
 
 def run_study(study: Study, out: Path, device: str = "auto", data_root: str | None = None,
               download: bool = True, mirror: str | None = None, keep_checkpoints: bool = False,
-              log=print) -> planning.Plan:
+              precision: str = "auto", compile: bool = False, log=print) -> planning.Plan:
+    runtime = Runtime.make(device, precision, compile)
     store = Store(out, keep_checkpoints)
     with store.lock():
-        return _run_locked(study, store, device, data_root, download, mirror, log)
+        return _run_locked(study, store, runtime, data_root, download, mirror, log)
 
 
-def _run_locked(study: Study, store: Store, device: str, data_root: str | None, download: bool,
+def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | None, download: bool,
                 mirror: str | None, log) -> planning.Plan:
     out = store.out
-    dev = pick_device(device)
+    dev = runtime.device
     plan = planning.build(study)
     root = datasets.data_root(data_root)
 
     # Everything that can fail on input fails here, before any training.
     contexts: dict[str, Context] = {}
+    described = {}
     for entry in study.datasets:
         label = dataset_label(entry)
         data = datasets.load(entry, study, root, download=download, mirror=mirror)
@@ -70,9 +67,15 @@ def _run_locked(study: Study, store: Store, device: str, data_root: str | None, 
         models.check_input(models.build(study.model, len(data.classes)), size)
         log(f"{label}: {len(data.train)} train / {len(data.val)} validation images, "
             f"{len(data.classes)} classes, {size}px ({data.source})")
-        contexts[label] = Context(study, data, Batches(data, study, size, dev), size, dev, store, plan)
+        if data.skipped:
+            log(f"{label}: {len(data.skipped)} file(s) could not be decoded and are left out "
+                f"(listed in the report): {', '.join(data.skipped[:5])}{' ...' if len(data.skipped) > 5 else ''}")
+        described[label] = {"source": data.source, "classes": len(data.classes), "train_images": len(data.train),
+                            "val_images": len(data.val), "image_size": size, "skipped": data.skipped}
+        contexts[label] = Context(study, data, Batches(data, study, size, dev), size, runtime, store, plan)
     preflight(study, plan, contexts, dev)
-    plan = store.begin(study, plan)
+    plan = store.begin(study, plan, runtime.precision)
+    write_atomic(out / "data.json", json.dumps(described, indent=1) + "\n")
 
     store.prune(plan)
     pending = [n for n in plan.ordered() if n.status == "pending"]
@@ -80,7 +83,10 @@ def _run_locked(study: Study, store: Store, device: str, data_root: str | None, 
     done = sum(n.status == "done" for n in plan.nodes.values())
     stopped = len(plan.nodes) - done - len(pending)
     log(f"{len(plan.runs)} runs, {len(plan.nodes)} sessions to train ({done} already done"
-        + (f", {stopped} diverged or skipped" if stopped else "") + f") on {dev}; output in {out}")
+        + (f", {stopped} diverged or skipped" if stopped else "")
+        + f") on {dev}, {runtime.precision}{', compiled' if runtime.compile else ''}, optimizer kernels "
+        f"{', '.join(f'{k}={v}' for k, v in next(iter(contexts.values())).kernels.items()) or 'default'}; "
+        f"output in {out}")
     bar = tqdm(total=total, unit="step", desc=study.name, dynamic_ncols=True, file=sys.stderr,
                mininterval=0.2 if sys.stderr.isatty() else 10, disable=not pending)
     try:
@@ -97,7 +103,7 @@ def _run_locked(study: Study, store: Store, device: str, data_root: str | None, 
             try:
                 rows = train_node(node, ctx)
             except Diverged as d:
-                node.status, node.diverged_at = "diverged", d.step
+                node.status, node.diverged_at, node.precision = "diverged", d.step, runtime.precision
                 skipped = plan.descendants(node.id)
                 for child in skipped:
                     child.status = "skipped"
@@ -111,7 +117,7 @@ def _run_locked(study: Study, store: Store, device: str, data_root: str | None, 
             bar.write(f"{node.dataset} {','.join(node.arms)} seed{node.seed} session {node.session + 1}: "
                       f"val top-1 {100 * last['val_acc']:.1f}%, val loss {last['val_loss']:.4f}, "
                       f"train loss {last['train_loss']:.4f} ({sum(r['seconds'] for r in rows):.0f} s)")
-            node.status = "done"
+            node.status, node.precision = "done", runtime.precision
             store.write_plan(plan)
             store.prune(plan)
     finally:

@@ -29,6 +29,7 @@ class Node:
     arms: list[str] = field(default_factory=list)
     status: str = "pending"  # pending, done, diverged (non-finite loss), skipped (an ancestor diverged)
     diverged_at: int | None = None  # global step of the first non-finite training loss
+    precision: str | None = None  # fp32 or bf16, once trained
 
 
 @dataclass

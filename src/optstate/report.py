@@ -273,10 +273,13 @@ def build_report(out: Path, target: float | None = None) -> dict:
                        [[d["dataset"], d["arm"], str(d["seed"]), str(d["session"]), str(d["step"]),
                          str(d["epochs_finished"])] for d in results["diverged"]]))
 
+    blocks += data_blocks(out)
     done = sum(1 for n in plan.nodes.values() if n.status == "done")
+    precisions = sorted({n.precision for n in plan.nodes.values() if n.precision})
     blocks.append(("h2", "Runs"))
     blocks.append(("p", f"{done} of {len(plan.nodes)} sessions trained; {plan.epochs_trained()} epochs in the run "
-                        f"tree instead of {plan.epochs_unshared()} without sharing."))
+                        f"tree instead of {plan.epochs_unshared()} without sharing"
+                        + (f"; trained in {', '.join(precisions)}." if precisions else ".")))
     blocks.append(("ul", [f"`{r['folder']}`: {r['epochs']} epochs, {r['seconds']:.0f} s of training"
                           for r in results["runs"]]))
     blocks.append(("h2", "Settings"))
@@ -286,6 +289,25 @@ def build_report(out: Path, target: float | None = None) -> dict:
     write_atomic(out / "report.md", render_markdown(blocks))
     write_atomic(out / "report.html", render_html(blocks, out, study["name"]))
     return results
+
+
+def data_blocks(out: Path) -> list[tuple]:
+    """The datasets as this run loaded them (data.json), with the files that could not be decoded."""
+    path = out / "data.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    blocks = [("h2", "Data"), ("table", ["dataset", "source", "classes", "train images", "validation images",
+                                          "image size", "files not decodable"],
+                               [[name, d["source"], str(d["classes"]), str(d["train_images"]), str(d["val_images"]),
+                                 f"{d['image_size']} px", str(len(d["skipped"]))] for name, d in data.items()])]
+    for name, d in data.items():
+        if d["skipped"]:
+            shown = ", ".join(f"`{f}`" for f in d["skipped"][:20])
+            more = f" and {len(d['skipped']) - 20} more (all in data.json)" if len(d["skipped"]) > 20 else ""
+            blocks.append(("p", f"{name}: {len(d['skipped'])} file(s) could not be decoded (truncated, damaged or "
+                                f"not images) and were left out: {shown}{more}."))
+    return blocks
 
 
 def render_markdown(blocks: list[tuple]) -> str:

@@ -73,8 +73,9 @@ class Store:
             os.close(fd)  # releases the flock
 
     # -- study and plan
-    def begin(self, study: Study, plan: Plan) -> Plan:
-        """Write study.toml and plan.json; on an existing run directory keep the finished nodes."""
+    def begin(self, study: Study, plan: Plan, precision: str = "fp32") -> Plan:
+        """Write study.toml and plan.json; on an existing run directory keep the finished nodes.
+        Sessions trained at another precision are not mixed with this run's: that is refused."""
         self.out.mkdir(parents=True, exist_ok=True)
         existing = self.out / "study.toml"
         if existing.exists():
@@ -94,7 +95,11 @@ class Store:
                 prev = previous.nodes.get(node_id)
                 # A finished node is kept when its metrics are; a diverged one would diverge again.
                 if prev and prev.status in ("done", "diverged") and (self.node_dir(node_id) / "epochs.csv").exists():
-                    node.status, node.diverged_at = prev.status, prev.diverged_at
+                    if (prev.precision or "fp32") != precision:
+                        raise UserError(f"{self.out} holds sessions trained with --precision {prev.precision}, and "
+                                        f"this run would train at {precision}; rerun with --precision "
+                                        f"{prev.precision}, or use another --out")
+                    node.status, node.diverged_at, node.precision = prev.status, prev.diverged_at, prev.precision
             # A node still to train needs its parent's final checkpoint; if that is gone, train the parent again.
             missing = True
             while missing:

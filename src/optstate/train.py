@@ -21,6 +21,7 @@ from optstate.data.batches import Batches
 from optstate.data.images import ImageData
 from optstate.handoff import HANDOFFS, NextSession
 from optstate.plan import Node, Plan
+from optstate.runtime import Runtime, kernel_kwargs
 from optstate.schedules import SCHEDULES, momentum_of
 from optstate.store import Store, step_columns
 from optstate.study import Study, optimizer_class, optimizer_kwargs, probe_optimizer
@@ -34,7 +35,7 @@ class Context:
     data: ImageData
     batches: Batches
     image_size: int
-    device: torch.device
+    runtime: Runtime
     store: Store
     plan: Plan
     on_step: Callable[[int], None] = lambda n: None
@@ -42,6 +43,11 @@ class Context:
     momentum_name: str = field(init=False)
     state_keys: list[str] = field(init=False)  # per-parameter buffers this optimizer keeps, e.g. exp_avg
     step_columns: list[str] = field(init=False)
+    kernels: dict = field(init=False)  # fused=True or foreach=True, as this device allows
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
 
     def __post_init__(self):
         param = torch.zeros(2, requires_grad=True)
@@ -51,6 +57,8 @@ class Context:
         probe.step()
         self.state_keys = [k for k, v in probe.state[param].items() if torch.is_tensor(v) and v.shape == param.shape]
         self.step_columns = step_columns(self.momentum_name, self.state_keys)
+        opt = self.study.optimizer
+        self.kernels = kernel_kwargs(optimizer_class(opt["name"]), optimizer_kwargs(opt), self.device)
 
 
 class Diverged(Exception):
@@ -66,8 +74,9 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def make_optimizer(params, study: Study, lr: float) -> torch.optim.Optimizer:
-    return optimizer_class(study.optimizer["name"])(params, lr=lr, **optimizer_kwargs(study.optimizer))
+def make_optimizer(params, study: Study, lr: float, kernels: dict | None = None) -> torch.optim.Optimizer:
+    return optimizer_class(study.optimizer["name"])(params, lr=lr, **optimizer_kwargs(study.optimizer),
+                                                    **(kernels or {}))
 
 
 def start_lr(schedule: str, settings: dict) -> float:
@@ -82,7 +91,7 @@ def start_node(node: Node, ctx: Context):
     steps = node.epochs * ctx.batches.steps_per_epoch
 
     def new_optimizer() -> torch.optim.Optimizer:
-        return make_optimizer(model.parameters(), ctx.study, start_lr(node.schedule, node.settings))
+        return make_optimizer(model.parameters(), ctx.study, start_lr(node.schedule, node.settings), ctx.kernels)
 
     if node.parent is None:
         optimizer = new_optimizer()
@@ -112,15 +121,29 @@ def diagnostics(optimizer: torch.optim.Optimizer, before: list[torch.Tensor], ke
     return {f"norm_{k}": v for k, v in zip(keys, values)} | {"update_ratio": values[-1]}
 
 
+def train_step(forward: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (in the run's precision), loss in fp32, backward, optimizer step; returns logits and loss."""
+    with runtime.autocast():
+        logits = forward(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach(), loss.detach()
+
+
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
+def evaluate(forward: Callable, model: torch.nn.Module, batches: Batches, runtime: Runtime) -> dict[str, float]:
     model.eval()
     loss = torch.zeros((), dtype=torch.float64, device=batches.device)
     top1 = torch.zeros((), dtype=torch.int64, device=batches.device)
     top3 = torch.zeros((), dtype=torch.int64, device=batches.device)
     n = 0
     for x, y in batches.val_batches():
-        logits = model(x).float()
+        with runtime.autocast():
+            logits = forward(x)
+        logits = logits.float()
         loss += F.cross_entropy(logits, y, reduction="sum")
         best = logits.topk(min(3, logits.shape[1]), dim=1).indices
         top1 += (best[:, 0] == y).sum()
@@ -134,6 +157,8 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
     """Train the node's session; returns its epoch rows."""
     study, b = ctx.study, ctx.batches
     model, optimizer, scheduler = start_node(node, ctx)
+    rt = ctx.runtime
+    forward = torch.compile(model) if rt.compile else model  # checkpoints hold the plain module
     spe = b.steps_per_epoch
     total = node.epochs * spe
     step0 = node.first_epoch * spe  # global step of this node's first step
@@ -177,17 +202,13 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
                 if logged:  # the weights before the step, for the update size
                     before = [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
 
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step0 + k, first_bad)
-                loss.backward()
-                optimizer.step()
+                logits, loss = train_step(forward, optimizer, x, y, rt)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step0 + k, first_bad)
                 if scheduler is not None and k + 1 < total:  # never past the schedule's last step
                     scheduler.step()
 
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
+                loss_sum += loss * len(y)
+                correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
                 if (logged or i + 1 == spe) and first_bad.item() >= 0:
                     ctx.store.write_node_metrics(node.id, epoch_rows, step_rows, ctx.step_columns)
@@ -211,7 +232,7 @@ def train_node(node: Node, ctx: Context) -> list[dict]:
             train_loss = loss_sum.item() / seen
             row = {"session": node.session + 1, "epoch": e + 1, "global_epoch": global_epoch + 1,
                    "step": step0 + (e + 1) * spe, "train_loss": train_loss, "train_acc": correct.item() / seen,
-                   **evaluate(model, b), "lr": lr, "seconds": time.perf_counter() - t0}
+                   **evaluate(forward, model, b, rt), "lr": lr, "seconds": time.perf_counter() - t0}
             epoch_rows.append(row)
             for w in writers:
                 for key in ("train_loss", "train_acc"):

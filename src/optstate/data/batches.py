@@ -15,6 +15,7 @@ import torch
 from torchvision.ops import roi_align
 
 from optstate.data.images import ImageData, Split
+from optstate.runtime import to_device
 
 CENTER_CROP = 0.875  # validation sees the centre 87.5%, the usual ImageNet ratio
 
@@ -74,8 +75,8 @@ class Batches:
         self.augment = study.augment
         self.scale = tuple(study.crop_scale)
         self.batch_size = study.batch_size
-        self.train = Split(data.train.images.to(device), data.train.labels.to(device))
-        self.val = Split(data.val.images.to(device), data.val.labels.to(device))
+        self.train = Split(to_device(data.train.images, device), data.train.labels.to(device))
+        self.val = Split(to_device(data.val.images, device), data.val.labels.to(device))
         c = data.channels
         if study.normalize:
             mean, std = channel_stats(data.train.images)
@@ -95,21 +96,33 @@ class Batches:
             x = x.expand(-1, 3, -1, -1)
         return x.contiguous(memory_format=torch.channels_last)
 
-    def train_epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, bs = len(self.train), self.batch_size
-        order = torch.randperm(n, generator=generator)
-        for i in range(self.steps_per_epoch):
-            idx = order[i * bs:(i + 1) * bs]
-            on_device = idx.to(self.device)
-            x = self.train.images[on_device].float()
+    def _draws(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An epoch's random choices, drawn on the CPU batch by batch: image order, crop boxes, flips."""
+        n, steps = len(self.train), self.steps_per_epoch
+        bs = min(self.batch_size, n)
+        order = torch.randperm(n, generator=generator)[:steps * bs]
+        boxes = torch.zeros(steps, bs, 4)
+        flips = torch.zeros(steps, bs, dtype=torch.bool)
+        for i in range(steps):
             if self.augment == "standard":
-                boxes = crop_boxes(len(idx), x.shape[-1], self.scale, (3 / 4, 4 / 3), generator)
-                boxes = torch.cat([torch.arange(len(idx)).unsqueeze(1).float(), boxes], 1)
-                x = roi_align(x, boxes.to(self.device), self.image_size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+                boxes[i] = crop_boxes(bs, self.train.images.shape[-1], self.scale, (3 / 4, 4 / 3), generator)
             if self.augment in ("standard", "flip"):
-                flip = (torch.rand(len(idx), generator=generator) < 0.5).to(self.device)
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            yield self._finish(x), self.train.labels[on_device]
+                flips[i] = torch.rand(bs, generator=generator) < 0.5
+        return order.view(steps, bs), boxes, flips
+
+    def train_epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # One host-to-device copy per epoch (pinned, asynchronous on CUDA), none per step.
+        order, boxes, flips = (t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda"
+                               else t for t in self._draws(generator))
+        image = torch.arange(order.shape[1], device=self.device, dtype=torch.float32).unsqueeze(1)
+        for i in range(len(order)):
+            x = self.train.images[order[i]].float()
+            if self.augment == "standard":
+                x = roi_align(x, torch.cat([image, boxes[i]], 1), self.image_size, spatial_scale=1.0,
+                              sampling_ratio=0, aligned=True)
+            if self.augment in ("standard", "flip"):
+                x = torch.where(flips[i].view(-1, 1, 1, 1), x.flip(3), x)
+            yield self._finish(x), self.train.labels[order[i]]
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.batch_size * 2

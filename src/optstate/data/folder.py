@@ -2,13 +2,17 @@
 
 Labels come from the sorted class names, one mapping for both splits. The
 same image bytes in both splits (the original study's bug in another form)
-are refused. Decoded images are cached as uint8 .npy files under the data
-root, keyed by the files' names, sizes and modification times.
+are refused. Each (folder, resolution) is decoded once, in parallel, into a
+memory-mapped uint8 cache under the data root, keyed by the files' names, sizes
+and modification times, so any change to the folder rebuilds it. Files that
+cannot be decoded are left out and listed (the report names them).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from optstate.data.images import ImageData, Split
 from optstate.errors import UserError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]]]:
@@ -68,8 +72,9 @@ def check_overlap(root: Path, files: dict[str, list[tuple[Path, int]]]) -> None:
                         f"({shown}{more}); validation must never see training images, remove them from one split")
 
 
-def decode(path: Path, size: int, mode: str) -> np.ndarray:
-    """One image as uint8 [3, size, size]: shorter side to size and centre crop, or squash."""
+def decode(path: Path, size: int, mode: str) -> np.ndarray | None:
+    """One image as uint8 [3, size, size]: shorter side to size and centre crop, or squash.
+    None when the file cannot be decoded (truncated, not an image, too large)."""
     from PIL import Image
 
     try:
@@ -85,15 +90,16 @@ def decode(path: Path, size: int, mode: str) -> np.ndarray:
                 left, top = (nw - size) // 2, (nh - size) // 2
                 im = im.crop((left, top, left + size, top + size))
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except OSError as e:
-        raise UserError(f"cannot decode {path}: {e}") from None
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return None
 
 
-def _decode_job(args: tuple[str, int, str]) -> np.ndarray:
+def _decode_job(args: tuple[str, int, str]) -> np.ndarray | None:
     return decode(Path(args[0]), args[1], args[2])
 
 
 def _cache_key(files: dict[str, list[tuple[Path, int]]], size: int, mode: str) -> str:
+    """Changes when any file is added, removed, renamed, relabelled, rewritten or touched."""
     h = hashlib.sha1(f"v{CACHE_VERSION}:{size}:{mode}".encode())
     for split in ("train", "val"):
         for p, label in files[split]:
@@ -102,40 +108,82 @@ def _cache_key(files: dict[str, list[tuple[Path, int]]], size: int, mode: str) -
     return h.hexdigest()[:16]
 
 
-def _decode_all(paths: list[Path], size: int, mode: str, desc: str) -> np.ndarray:
-    out = np.empty((len(paths), 3, size, size), np.uint8)
-    jobs = [(str(p), size, mode) for p in paths]
+def _decode_split(files: list[tuple[Path, int]], size: int, mode: str, dest: Path, desc: str) -> list[Path]:
+    """Decode a split into dest/<name>.npy (images) and <name>-labels.npy, in parallel; returns the
+    files that could not be decoded, which are left out of both arrays."""
+    n = len(files)
+    images = np.lib.format.open_memmap(dest.with_suffix(".npy"), mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    jobs = [(str(p), size, mode) for p, _ in files]
     workers = min(os.cpu_count() or 1, 16)
-    if len(jobs) < 256 or workers == 1:
-        it = map(_decode_job, jobs)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(workers)
-        it = pool.map(_decode_job, jobs, chunksize=64)
+    pool = ProcessPoolExecutor(workers) if n >= 256 and workers > 1 else None
+    results = pool.map(_decode_job, jobs, chunksize=64) if pool else map(_decode_job, jobs)
+    ok = np.zeros(n, bool)
     try:
-        for i, arr in enumerate(tqdm(it, total=len(jobs), desc=desc, unit="img", leave=False)):
-            out[i] = arr
+        for i, arr in enumerate(tqdm(results, total=n, desc=desc, unit="img", leave=False)):
+            if arr is not None:
+                images[i], ok[i] = arr, True
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
-    return out
+    if not ok.all():  # compact: the cache holds only the images that decoded
+        kept = np.flatnonzero(ok)
+        compact = np.lib.format.open_memmap(dest.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint8,
+                                            shape=(len(kept), 3, size, size))
+        for j in range(0, len(kept), 1024):
+            compact[j:j + 1024] = images[kept[j:j + 1024]]
+        compact.flush()
+        del images, compact
+        os.replace(dest.with_suffix(".tmp.npy"), dest.with_suffix(".npy"))
+    else:
+        images.flush()
+        del images
+    labels = np.array([lab for (_, lab), good in zip(files, ok) if good], np.int64)
+    np.save(dest.parent / f"{dest.name}-labels.npy", labels)
+    return [p for (p, _), good in zip(files, ok) if not good]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load(root: Path, label: str, size: int, mode: str, cache_dir: Path, source: str) -> ImageData:
+    """The folder's images decoded once into a memory-mapped uint8 cache, reused while the folder is unchanged."""
     classes, files = scan(root)
-    key = _cache_key(files, size, mode)
-    splits = {}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    paths = {s: cache_dir / f"{label}-{s}-{mode}{size}-{key}.npy" for s in ("train", "val")}
-    if not all(p.exists() for p in paths.values()):
+    prefix = f"{label}-{mode}{size}-"
+    cache = cache_dir / (prefix + _cache_key(files, size, mode))
+    if not (cache / "skipped.json").exists():
         check_overlap(root, files)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = cache_dir / f".{cache.name}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        skipped = []
         for split in ("train", "val"):
-            arr = _decode_all([p for p, _ in files[split]], size, mode, f"decode {label} {split}")
-            tmp = paths[split].with_suffix(".tmp.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, paths[split])
+            skipped += _decode_split(files[split], size, mode, partial / split, f"decode {label} {split}")
+        names = [str(p.relative_to(root)) for p in skipped]
+        for split in ("train", "val"):
+            if np.load(partial / f"{split}-labels.npy").size == 0:
+                raise UserError(f"{root / split}: none of its {len(files[split])} images could be decoded")
+        (partial / "skipped.json").write_text(json.dumps(names, indent=0) + "\n")
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(partial, cache)  # the cache appears whole or not at all
+        for old in cache_dir.glob(prefix + "*"):  # earlier versions of this folder's cache
+            if old != cache:
+                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        for old in cache_dir.glob(f".{prefix}*.partial-*"):  # left by a decoder that died
+            if not _alive(int(old.name.rsplit("-", 1)[1])):
+                shutil.rmtree(old, ignore_errors=True)
+    splits = {}
     for split in ("train", "val"):
-        images = torch.from_numpy(np.load(paths[split]))
-        labels = torch.tensor([lab for _, lab in files[split]], dtype=torch.int64)
+        # copy-on-write map: pages are read from disk when used, and nothing is written back
+        images = torch.from_numpy(np.load(cache / f"{split}.npy", mmap_mode="c"))
+        labels = torch.from_numpy(np.load(cache / f"{split}-labels.npy"))
         splits[split] = Split(images, labels)
-    return ImageData(label, classes, splits["train"], splits["val"], source)
+    skipped = json.loads((cache / "skipped.json").read_text())
+    return ImageData(label, classes, splits["train"], splits["val"], source, skipped)

@@ -1,7 +1,7 @@
 """A dataset as the training loop sees it: uint8 image tensors and int64 labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class ImageData:
     train: Split
     val: Split
     source: str  # where it came from, for the report
+    skipped: list[str] = field(default_factory=list)  # files that could not be decoded, relative to the folder
 
     @property
     def channels(self) -> int:
