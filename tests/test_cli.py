@@ -115,6 +115,8 @@ def test_inspect_shows_what_each_handoff_does():
     (["run", "--preset", "smoke", "--set", 'optimizer={name="nadam", capturable=true}'], "cannot run on cpu"),
     (["run", "--preset", "smoke", "--set", 'optimizer={name="adagrad"}'], "momentum"),
     (["inspect", "--steps", "2"], "no warm-up"),
+    (["run", "--preset", "smoke", "--set", "batch_szie=16"], "`batch_szie` is not a study key (did you mean `batch_size`?"),
+    (["run", "--preset", "smoke", "--executor", "ray", "--cpus-per-run", "64"], "asks for 64 CPU(s)"),
 ])
 def test_bad_input_gets_one_message_and_exit_2(tmp_path, capsys, args, message):
     # in-process: main() is what the console script calls

@@ -34,7 +34,7 @@ def uninterrupted(tmp_path_factory):
     return tables(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_an_interrupted_run_resumes_to_identical_metrics(uninterrupted, tmp_path, sig):
     out = tmp_path / "out"
     p = start(out)
@@ -45,8 +45,9 @@ def test_an_interrupted_run_resumes_to_identical_metrics(uninterrupted, tmp_path
     time.sleep(0.3)  # into the next epoch
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    if sig == signal.SIGINT:
-        assert p.returncode == 130 and "rerun the same command to continue" in err and "Traceback" not in err
+    if sig != signal.SIGKILL:
+        assert p.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+        assert "rerun the same command to continue" in err and "Traceback" not in err
     plan = json.loads((out / "plan.json").read_text())
     assert any(n["status"] != "done" for n in plan["nodes"]), "the interruption came too late"
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from optstate import __version__
@@ -49,7 +51,16 @@ def parser() -> argparse.ArgumentParser:
     _study_args(run)
     run.add_argument("--out", help="run directory (default: runs/<study name>); rerunning resumes")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--executor", choices=["local"], default="local")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local (default): nodes one after another in this process; ray: each node a Ray task "
+                          "(pip install 'optstate[ray]'); --out must be on storage every worker sees")
+    run.add_argument("--address", help="ray: the cluster to join (e.g. auto, or ray://host:10001); "
+                                       "default: start a local Ray instance for this run")
+    run.add_argument("--gpus-per-run", type=float, default=1.0, metavar="N",
+                     help="ray on CUDA: GPUs each task asks for; fractions share a GPU (default 1)")
+    run.add_argument("--cpus-per-run", type=float, metavar="N",
+                     help="ray: CPUs each task asks for (default: 1 with GPUs; on CPUs, the driver's PyTorch thread "
+                          "count, which every task trains with so that the numbers match the local executor's)")
     run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="auto (default): bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), "
                           "else fp32; a run directory keeps the precision it was started with")
@@ -107,7 +118,7 @@ def _run(args) -> int:
     out = Path(args.out or f"runs/{study.name}")
     run_study(study, out, device=args.device, data_root=args.data_root,
               download=not args.no_download, mirror=args.mirror, keep_checkpoints=args.keep_checkpoints,
-              precision=args.precision, compile=args.compile)
+              precision=args.precision, compile=args.compile, executor=_executor(args))
     results = build_report(out, args.target)
     print("")
     for line in results["answer"]:
@@ -117,6 +128,16 @@ def _run(args) -> int:
     print(f"\nreport: {out / 'report.md'} (and report.html)   figures: {out / 'figures'}   "
           f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     return 0
+
+
+def _executor(args):
+    from optstate.execute import Executor
+
+    if args.executor == "local" and (args.address or args.gpus_per_run != 1.0 or args.cpus_per_run is not None):
+        raise UserError("--address, --gpus-per-run and --cpus-per-run belong to --executor ray")
+    if not args.gpus_per_run > 0 or not (args.cpus_per_run is None or args.cpus_per_run > 0):
+        raise UserError("--gpus-per-run and --cpus-per-run must be positive")
+    return Executor(args.executor, args.address, args.gpus_per_run, args.cpus_per_run)
 
 
 def _report(args) -> int:
@@ -167,7 +188,17 @@ def _fetch(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, `kill`, a container stop): stop as cleanly as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     args = parser().parse_args(argv)
     if args.command is None:
         args = parser().parse_args(["run", *(argv or [])])
@@ -184,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `optstate inspect | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("\noptstate: interrupted; finished sessions are kept: rerun the same command to continue.",
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\noptstate: {how}; finished sessions and epochs are kept: rerun the same command to continue.",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # an unwritable --out, a full disk, a file where a folder should be
         print(f"optstate: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,19 +42,37 @@ def preflight(study: Study, plan: planning.Plan, contexts: dict[str, Context], d
             raise UserError(f"study: {', '.join(node.arms)} with the {study.optimizer['name']} optimizer: {e}") from None
 
 
+@dataclass(frozen=True)
+class Executor:
+    """Where nodes train: `local` (this process, one node after another) or `ray` (a Ray task per node)."""
+
+    name: str = "local"
+    address: str | None = None  # ray: a running cluster; None starts a local instance for the run
+    gpus_per_run: float = 1.0  # ray, on CUDA: GPUs each node's task asks for (fractions share a GPU)
+    cpus_per_run: float | None = None  # ray: CPUs each task asks for; None: 1 on CUDA, else the thread count
+    max_retries: int = 3  # ray: times a task whose worker died is started again
+
+
 def run_study(study: Study, out: Path, device: str = "auto", data_root: str | None = None,
               download: bool = True, mirror: str | None = None, keep_checkpoints: bool = False,
-              precision: str = "auto", compile: bool = False, log=print) -> planning.Plan:
+              precision: str = "auto", compile: bool = False, executor: Executor = Executor(),
+              log=print) -> planning.Plan:
     runtime = Runtime.make(device, precision, compile)
+    if executor.name == "ray":
+        from optstate import ray_executor
+
+        ray_executor.check_installed()
     store = Store(out, keep_checkpoints)
     with store.lock():
-        return _run_locked(study, store, runtime, data_root, download, mirror, log)
+        return _run_locked(study, store, runtime, data_root, download, mirror, executor, log)
 
 
 def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | None, download: bool,
-                mirror: str | None, log) -> planning.Plan:
+                mirror: str | None, executor: Executor, log) -> planning.Plan:
     out = store.out
     dev = runtime.device
+    # With Ray the workers hold the data on their devices; the driver keeps its copy on the CPU.
+    batch_device = dev if executor.name == "local" else torch.device("cpu")
     plan = planning.build(study)
     root = datasets.data_root(data_root)
 
@@ -72,7 +91,7 @@ def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | N
                 f"(listed in the report): {', '.join(data.skipped[:5])}{' ...' if len(data.skipped) > 5 else ''}")
         described[label] = {"source": data.source, "classes": len(data.classes), "train_images": len(data.train),
                             "val_images": len(data.val), "image_size": size, "skipped": data.skipped}
-        contexts[label] = Context(study, data, Batches(data, study, size, dev), size, runtime, store, plan)
+        contexts[label] = Context(study, data, Batches(data, study, size, batch_device), size, runtime, store, plan)
     preflight(study, plan, contexts, dev)
     plan = store.begin(study, plan, runtime.precision)
     write_atomic(out / "data.json", json.dumps(described, indent=1) + "\n")
@@ -84,42 +103,54 @@ def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | N
     stopped = len(plan.nodes) - done - len(pending)
     log(f"{len(plan.runs)} runs, {len(plan.nodes)} sessions to train ({done} already done"
         + (f", {stopped} diverged or skipped" if stopped else "")
-        + f") on {dev}, {runtime.precision}{', compiled' if runtime.compile else ''}, optimizer kernels "
+        + f") on {dev}{' with Ray' if executor.name == 'ray' else ''}, {runtime.precision}{', compiled' if runtime.compile else ''}, optimizer kernels "
         f"{', '.join(f'{k}={v}' for k, v in next(iter(contexts.values())).kernels.items()) or 'default'}; "
         f"output in {out}")
     bar = tqdm(total=total, unit="step", desc=study.name, dynamic_ncols=True, file=sys.stderr,
                mininterval=0.2 if sys.stderr.isatty() else 10, disable=not pending)
+
+    def where(node) -> str:
+        return f"{node.dataset} {','.join(node.arms)} seed{node.seed} session {node.session + 1}"
+
+    def finished(node, rows: list[dict]) -> None:
+        """Record a trained node (the executor calls this in the driver, one node at a time)."""
+        last = rows[-1]
+        bar.write(f"{where(node)}: val top-1 {100 * last['val_acc']:.1f}%, val loss {last['val_loss']:.4f}, "
+                  f"train loss {last['train_loss']:.4f} ({sum(r['seconds'] for r in rows):.0f} s)")
+        node.status, node.precision = "done", runtime.precision
+        store.write_plan(plan)
+        store.prune(plan)
+
+    def diverged(node, step: int) -> None:
+        node.status, node.diverged_at, node.precision = "diverged", step, runtime.precision
+        skipped = plan.descendants(node.id)
+        for child in skipped:
+            child.status = "skipped"
+            bar.update(child.epochs * contexts[child.dataset].batches.steps_per_epoch)
+        store.write_plan(plan)
+        bar.write(f"{where(node)}: DIVERGED at step {step} (non-finite training loss)"
+                  + (f"; {len(skipped)} later session{'s' if len(skipped) > 1 else ''} skipped" if skipped else ""))
+
     try:
-        for node in pending:
-            if node.status != "pending":  # skipped: an ancestor diverged in this run
-                continue
-            ctx = contexts[node.dataset]
-            if store.progress_path(node.id).exists():
-                bar.write(f"continuing {node.dataset} {','.join(node.arms)} seed{node.seed} session "
-                          f"{node.session + 1} from its last finished epoch")
-            ctx.on_step = bar.update
-            ctx.on_epoch = lambda n, e: bar.set_postfix_str(
-                f"{n.dataset} {','.join(n.arms)} seed{n.seed} session {n.session + 1} epoch {e + 1}/{n.epochs}")
-            try:
-                rows = train_node(node, ctx)
-            except Diverged as d:
-                node.status, node.diverged_at, node.precision = "diverged", d.step, runtime.precision
-                skipped = plan.descendants(node.id)
-                for child in skipped:
-                    child.status = "skipped"
-                    bar.update(child.epochs * ctx.batches.steps_per_epoch)
-                store.write_plan(plan)
-                bar.write(f"{node.dataset} {','.join(node.arms)} seed{node.seed} session {node.session + 1}: "
-                          f"DIVERGED at step {d.step} (non-finite training loss)"
-                          + (f"; {len(skipped)} later session{'s' if len(skipped) > 1 else ''} skipped" if skipped else ""))
-                continue
-            last = rows[-1]
-            bar.write(f"{node.dataset} {','.join(node.arms)} seed{node.seed} session {node.session + 1}: "
-                      f"val top-1 {100 * last['val_acc']:.1f}%, val loss {last['val_loss']:.4f}, "
-                      f"train loss {last['train_loss']:.4f} ({sum(r['seconds'] for r in rows):.0f} s)")
-            node.status, node.precision = "done", runtime.precision
-            store.write_plan(plan)
-            store.prune(plan)
+        if executor.name == "ray":
+            from optstate import ray_executor
+
+            ray_executor.train(plan, study, store, runtime, root, contexts, executor, bar, finished, diverged)
+        else:
+            for node in pending:
+                if node.status != "pending":  # skipped: an ancestor diverged in this run
+                    continue
+                ctx = contexts[node.dataset]
+                if store.progress_path(node.id).exists():
+                    bar.write(f"continuing {where(node)} from its last finished epoch")
+                ctx.on_step = bar.update
+                ctx.on_epoch = lambda n, e: bar.set_postfix_str(f"{where(n)} epoch {e + 1}/{n.epochs}")
+                try:
+                    rows = train_node(node, ctx)
+                except Diverged as d:
+                    diverged(node, d.step)
+                    continue
+                finished(node, rows)
     finally:
         bar.close()
     for run in plan.runs:

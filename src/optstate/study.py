@@ -6,6 +6,7 @@ validated dict and answers questions about it. Every error names the key.
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 import importlib.util
 import inspect
@@ -148,7 +149,9 @@ def validate(raw: dict) -> dict:
         raise UserError("study: the study must be a TOML table")
     for k in raw:
         if k not in KEYS:
-            raise _fail(k, f"is not a study key (known: {', '.join(sorted(KEYS))})")
+            close = difflib.get_close_matches(k, sorted(KEYS), n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise _fail(k, f"is not a study key ({hint}known: {', '.join(sorted(KEYS))})")
     for k in REQUIRED:
         if k not in raw:
             raise _fail(k, "is required")
@@ -273,8 +276,8 @@ class Study:
     raw: dict
 
     def __getattr__(self, key: str) -> Any:
-        try:
-            return self.raw[key]
+        try:  # through __dict__: while unpickling, `raw` itself is not there yet
+            return self.__dict__["raw"][key]
         except KeyError:
             raise AttributeError(key) from None
 
