@@ -189,3 +189,20 @@ def test_bench_reads_an_image_folder(tmp_path, capsys):
     assert main(["bench", "--model", "small-cnn", "--batch-size", "64", "--data", str(root)]) == 2
     assert "fewer than one batch of 64" in capsys.readouterr().err
     assert main(["bench", "--model", "nope"]) == 2
+
+
+def test_an_internal_fault_is_one_line_and_exit_1_with_the_traceback_in_a_file(tmp_path, capsys, monkeypatch):
+    import optstate.execute
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug deep inside")
+
+    monkeypatch.setattr(optstate.execute, "run_study", broken)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    assert main(["run", "--preset", "smoke", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "optstate: internal error: RuntimeError: a bug deep inside" in err and "Traceback" not in err
+    crash = next(tmp_path.glob("optstate-crash-*.txt")).read_text()
+    assert "Traceback" in crash and "a bug deep inside" in crash and "broken" in crash

@@ -223,6 +223,25 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # an unwritable --out, a full disk, a file where a folder should be
         print(f"optstate: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a fault of optstate's own: one line for the user, the trace in a file
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> int:
+    import tempfile
+    import traceback
+
+    trace = "".join(traceback.format_exception(e))
+    try:
+        fd, path = tempfile.mkstemp(prefix="optstate-crash-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"optstate {__version__}\nargv: {sys.argv}\n\n{trace}")
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "the traceback could not be saved"
+    print(f"optstate: internal error: {type(e).__name__}: {e}; finished sessions are kept. This is a bug in "
+          f"optstate: please report it with the file ({where}).", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
