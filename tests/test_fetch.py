@@ -144,3 +144,81 @@ def test_a_study_fetches_its_dataset_and_trains_on_it(tmp_path, server, small_ar
         rows = (out / "runs" / "imagenette-160" / arm / "seed0" / "epochs.csv").read_text().splitlines()
         assert len(rows) == 4  # header + three sessions of one epoch
     assert (out / "figures" / "imagenette-160-curves.png").is_file()
+
+
+def test_a_truncated_download_is_refused_and_leaves_no_partial_file(tmp_path, small_archive, capsys):
+    """The server promises the whole archive and closes the connection half way."""
+    tgz = tmp_path / "whole.tgz"
+    small_archive(make_tgz(tgz, "imagenette2-160", CLASSES))
+    body = tgz.read_bytes()
+
+    class HalfWay(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfWay)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    root = tmp_path / "root"
+    try:
+        code = main(["data", "fetch", "imagenette", "--data-root", str(root),
+                     "--mirror", f"http://127.0.0.1:{httpd.server_address[1]}/"])
+    finally:
+        httpd.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert f"the connection ended after {len(body) // 2} of {len(body)} bytes" in err
+    assert not list((root / "downloads").iterdir()) and not (root / "imagenette2-160").exists()
+
+
+def test_a_hard_link_member_pointing_outside_is_refused_and_nothing_is_written(tmp_path, server, small_archive, capsys):
+    import io
+    import tarfile
+
+    www, url = server
+    outside = tmp_path / "victim.txt"
+    outside.write_text("precious")
+    tgz = www / "imagenette2-160.tgz"
+    make_tgz(tgz, "imagenette2-160", CLASSES)
+    with tarfile.open(tgz, "r:gz") as src:  # the same archive with a hard link to a file outside
+        members = [(m, src.extractfile(m).read() if m.isfile() else None) for m in src.getmembers()]
+    with tarfile.open(tgz, "w:gz") as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data) if data is not None else None)
+        link = tarfile.TarInfo("imagenette2-160/train/evil")
+        link.type, link.linkname = tarfile.LNKTYPE, str(outside)
+        tar.addfile(link)
+    small_archive(fetch.md5_of(tgz))
+    root = tmp_path / "root"
+    assert main(["data", "fetch", "imagenette", "--data-root", str(root), "--mirror", url]) == 2
+    err = capsys.readouterr().err
+    assert "'imagenette2-160/train/evil' is a link or special file" in err and "Traceback" not in err
+    assert outside.read_text() == "precious" and not (root / "imagenette2-160").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root", "victim.txt", "www"]
+
+
+def test_an_unknown_checksum_is_refused_until_accepted_deliberately(tmp_path, server, small_archive, capsys):
+    www, url = server
+    reuploaded = make_tgz(www / "imagenette2-160.tgz", "imagenette2-160", CLASSES)
+    small_archive("0" * 32)  # the checksums this release knows
+    root = tmp_path / "root"
+    fetch_cmd = ["data", "fetch", "imagenette", "--data-root", str(root), "--mirror", url]
+    assert main(fetch_cmd) == 2
+    err = capsys.readouterr().err
+    assert f"md5 {reuploaded} matches none of the published checksums" in err and "Traceback" not in err
+    assert f"optstate data fetch imagenette --size 160 --accept-md5 {reuploaded}" in err
+    assert not (root / "imagenette2-160").exists()
+
+    assert main([*fetch_cmd, "--accept-md5", "1" * 32]) == 2  # another checksum is still refused
+    assert "nor the accepted " + "1" * 32 in capsys.readouterr().err
+    (www / "imagenette2-160.tgz").unlink()  # accepting uses the file already downloaded
+    assert main([*fetch_cmd, "--accept-md5", reuploaded]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert len(list((root / "imagenette2-160" / "val").rglob("*.JPEG"))) == 20

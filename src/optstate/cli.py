@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -66,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                           "else fp32; a run directory keeps the precision it was started with")
     run.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     run.add_argument("--no-download", action="store_true", help="never download datasets; fail if missing")
+    run.add_argument("--max-bad-images", type=float, default=0.01, metavar="FRACTION",
+                     help="image files that cannot be decoded are left out and listed; above this fraction of a "
+                          "folder's files the run stops instead (default 0.01)")
     run.add_argument("--keep-checkpoints", action="store_true",
                      help="keep every node's final checkpoint and one checkpoint per epoch (default: only those "
                           "that sessions still to train need)")
@@ -104,6 +108,10 @@ def parser() -> argparse.ArgumentParser:
     fetch = dsub.add_parser("fetch", help="download, verify and extract Imagenette or Imagewoof")
     fetch.add_argument("name", choices=["imagenette", "imagewoof"])
     fetch.add_argument("--size", choices=["160", "320", "full"], default="160")
+    fetch.add_argument("--accept-md5", metavar="MD5",
+                       help="also accept this checksum (an archive re-uploaded since this release, from a source you "
+                            "trust); classes and image counts are still checked. For `optstate run`: "
+                            "$OPTSTATE_ACCEPT_MD5")
     _data_args(fetch)
     return ap
 
@@ -114,11 +122,14 @@ def _run(args) -> int:
     from optstate.report import build_report
 
     _check_target(args)
+    if not 0 <= args.max_bad_images <= 1:
+        raise UserError(f"--max-bad-images must be a fraction in [0, 1], got {args.max_bad_images}")
     study = studies.load(args.study, args.preset, args.sets, args.plugins)
     out = Path(args.out or f"runs/{study.name}")
     run_study(study, out, device=args.device, data_root=args.data_root,
               download=not args.no_download, mirror=args.mirror, keep_checkpoints=args.keep_checkpoints,
-              precision=args.precision, compile=args.compile, executor=_executor(args))
+              precision=args.precision, compile=args.compile, executor=_executor(args),
+              max_bad_images=args.max_bad_images)
     results = build_report(out, args.target)
     print("")
     for line in results["answer"]:
@@ -183,7 +194,7 @@ def _fetch(args) -> int:
 
     archive = fetch.archive_for(args.name, None if args.size == "full" else args.size)
     root = data_root(args.data_root)
-    path = fetch.fetch(archive, root, mirror=args.mirror)
+    path = fetch.fetch(archive, root, mirror=args.mirror, accept_md5=args.accept_md5)
     print(f"{archive.dataset}: verified at {path}")
     return 0
 
@@ -221,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # an unwritable --out, a full disk, a file where a folder should be
-        print(f"optstate: error: {e}", file=sys.stderr)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"optstate: error: the disk is full (no space left writing {e.filename or 'a file'}). Files "
+                  f"written before are intact and a file being replaced keeps its previous version; free some "
+                  f"space and rerun the same command to continue.", file=sys.stderr)
+        else:
+            print(f"optstate: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a fault of optstate's own: one line for the user, the trace in a file
         return _internal_error(e)

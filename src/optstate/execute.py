@@ -56,7 +56,7 @@ class Executor:
 def run_study(study: Study, out: Path, device: str = "auto", data_root: str | None = None,
               download: bool = True, mirror: str | None = None, keep_checkpoints: bool = False,
               precision: str = "auto", compile: bool = False, executor: Executor = Executor(),
-              log=print) -> planning.Plan:
+              max_bad_images: float = 0.01, log=print) -> planning.Plan:
     runtime = Runtime.make(device, precision, compile)
     if executor.name == "ray":
         from optstate import ray_executor
@@ -64,11 +64,33 @@ def run_study(study: Study, out: Path, device: str = "auto", data_root: str | No
         ray_executor.check_installed()
     store = Store(out, keep_checkpoints)
     with store.lock():
-        return _run_locked(study, store, runtime, data_root, download, mirror, executor, log)
+        return _run_locked(study, store, runtime, data_root, download, mirror, executor, max_bad_images, log)
+
+
+def check_bad_images(data, max_bad_images: float) -> None:
+    """A few undecodable files are left out; many mean a broken copy, which should not be trained on."""
+    if data.skipped and len(data.skipped) > max_bad_images * data.files:
+        shown = ", ".join(data.skipped[:5]) + (" ..." if len(data.skipped) > 5 else "")
+        raise UserError(f"{data.name}: {len(data.skipped)} of {data.files} image files "
+                        f"({100 * len(data.skipped) / data.files:.1f}%) cannot be decoded ({shown}), more than "
+                        f"--max-bad-images {max_bad_images:g} allows; check the copy of the data, or raise the "
+                        f"limit to train without them")
+
+
+def out_of_memory(dev: torch.device, study: Study, what: str) -> UserError:
+    smaller = max(1, study.batch_size // 2)
+    return UserError(f"out of memory on {dev} while training {what} with batch_size {study.batch_size}; try a "
+                     f"smaller batch, e.g. --set batch_size={smaller} (a different study: give it another --out), "
+                     f"or a smaller image_size or model. Finished sessions are kept.")
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # the CPU allocator's words
 
 
 def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | None, download: bool,
-                mirror: str | None, executor: Executor, log) -> planning.Plan:
+                mirror: str | None, executor: Executor, max_bad_images: float, log) -> planning.Plan:
     out = store.out
     dev = runtime.device
     # With Ray the workers hold the data on their devices; the driver keeps its copy on the CPU.
@@ -82,6 +104,7 @@ def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | N
     for entry in study.datasets:
         label = dataset_label(entry)
         data = datasets.load(entry, study, root, download=download, mirror=mirror)
+        check_bad_images(data, max_bad_images)
         size = datasets.resolved_image_size(entry, study)
         models.check_input(models.build(study.model, len(data.classes)), size)
         log(f"{label}: {len(data.train)} train / {len(data.val)} validation images, "
@@ -93,7 +116,7 @@ def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | N
                             "val_images": len(data.val), "image_size": size, "skipped": data.skipped}
         contexts[label] = Context(study, data, Batches(data, study, size, batch_device), size, runtime, store, plan)
     preflight(study, plan, contexts, dev)
-    plan = store.begin(study, plan, runtime.precision)
+    plan = store.begin(study, plan, runtime.precision, warn=log)
     write_atomic(out / "data.json", json.dumps(described, indent=1) + "\n")
 
     store.prune(plan)
@@ -135,7 +158,12 @@ def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | N
         if executor.name == "ray":
             from optstate import ray_executor
 
-            ray_executor.train(plan, study, store, runtime, root, contexts, executor, bar, finished, diverged)
+            try:
+                ray_executor.train(plan, study, store, runtime, root, contexts, executor, bar, finished, diverged)
+            except Exception as e:
+                if _is_out_of_memory(e):
+                    raise out_of_memory(dev, study, "a Ray task") from None
+                raise
         else:
             for node in pending:
                 if node.status != "pending":  # skipped: an ancestor diverged in this run
@@ -150,6 +178,10 @@ def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | N
                 except Diverged as d:
                     diverged(node, d.step)
                     continue
+                except Exception as e:
+                    if _is_out_of_memory(e):
+                        raise out_of_memory(dev, study, where(node)) from None
+                    raise
                 finished(node, rows)
     finally:
         bar.close()

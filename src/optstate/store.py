@@ -12,6 +12,7 @@ import fcntl
 import io
 import os
 import tomllib
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,35 @@ def step_columns(momentum: str, state_keys: list[str]) -> list[str]:
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write to a temporary name, then rename: a crash or a full disk leaves the previous file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # so that the message can name the file
+            e.filename = str(path)
+        raise
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be trusted, or None. torch.save writes a zip whose members carry
+    CRC-32s: reading them all finds truncation and flipped bytes; unpickling the small index with
+    weights_only=True (the tensors memory-mapped, not read) finds anything that is not plain tensors."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        if bad is not None:
+            return f"member {bad} fails its CRC check"
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - BadZipFile, UnpicklingError, RuntimeError, EOFError, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return None
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -73,9 +96,10 @@ class Store:
             os.close(fd)  # releases the flock
 
     # -- study and plan
-    def begin(self, study: Study, plan: Plan, precision: str = "fp32") -> Plan:
+    def begin(self, study: Study, plan: Plan, precision: str = "fp32", warn=print) -> Plan:
         """Write study.toml and plan.json; on an existing run directory keep the finished nodes.
-        Sessions trained at another precision are not mixed with this run's: that is refused."""
+        Sessions trained at another precision are not mixed with this run's: that is refused.
+        A damaged checkpoint is set aside (warn says so) and its node trained again from its parent."""
         self.out.mkdir(parents=True, exist_ok=True)
         existing = self.out / "study.toml"
         if existing.exists():
@@ -100,6 +124,7 @@ class Store:
                                         f"this run would train at {precision}; rerun with --precision "
                                         f"{prev.precision}, or use another --out")
                     node.status, node.diverged_at, node.precision = prev.status, prev.diverged_at, prev.precision
+            self._set_aside_damaged(plan, warn)
             # A node still to train needs its parent's final checkpoint; if that is gone, train the parent again.
             missing = True
             while missing:
@@ -116,6 +141,22 @@ class Store:
         self.write_plan(plan)
         return plan
 
+    def _set_aside_damaged(self, plan: Plan, warn) -> None:
+        """Check the checkpoints this run will read; rename a damaged one to <name>.damaged. A damaged
+        progress.pt makes its node start again from its parent; a damaged final.pt counts as missing."""
+        for node in plan.nodes.values():
+            paths = [self.progress_path(node.id)] if node.status == "pending" else []
+            if node.status == "done" and any(c.status == "pending" for c in plan.children(node.id)):
+                paths.append(self.checkpoint_path(node.id))
+            for path in paths:
+                if path.exists() and (why := checkpoint_problem(path)):
+                    aside = path.with_name(path.name + ".damaged")
+                    os.replace(path, aside)
+                    again = "its epochs are trained again from its parent's checkpoint" \
+                        if path.name == "progress.pt" else "that session is trained again from its own parent"
+                    warn(f"warning: checkpoint {path} is damaged ({why}); set aside as {aside.name} and "
+                         f"{again}, to the same numbers")
+
     def write_plan(self, plan: Plan) -> None:
         write_atomic(self.out / "plan.json", plan.to_json())
 
@@ -130,7 +171,7 @@ class Store:
         _save_torch(self.checkpoint_path(node_id), payload)
 
     def load_checkpoint(self, node_id: str, device: torch.device | str = "cpu") -> dict[str, Any]:
-        return torch.load(self.checkpoint_path(node_id), map_location=device, weights_only=True)
+        return _load_torch(self.checkpoint_path(node_id), device)
 
     def progress_path(self, node_id: str) -> Path:
         return self.node_dir(node_id) / "progress.pt"
@@ -149,7 +190,7 @@ class Store:
         path = self.progress_path(node_id)
         if not path.exists():
             return None
-        return torch.load(path, map_location=device, weights_only=True)
+        return _load_torch(path, device)
 
     def clear_progress(self, node_id: str) -> None:
         self.progress_path(node_id).unlink(missing_ok=True)
@@ -184,6 +225,17 @@ class Store:
             parts = [(self.node_dir(n) / name).read_text().splitlines(keepends=True) for n in nodes]
             text = parts[0][0] + "".join(line for p in parts for line in p[1:])
             write_atomic(self.run_dir(run) / name, text)
+
+
+def _load_torch(path: Path, device: torch.device | str) -> dict[str, Any]:
+    """weights_only: a checkpoint holds tensors and plain data, and unpickling can run no code."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged after this run checked it at the start
+        raise UserError(f"checkpoint {path} is damaged ({type(e).__name__}); rerun the same command: a damaged "
+                        f"checkpoint is set aside at the start and its session trained again") from None
 
 
 def _save_torch(path: Path, payload: dict[str, Any]) -> None:

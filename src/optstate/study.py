@@ -171,8 +171,11 @@ def validate(raw: dict) -> dict:
     from optstate import models
 
     if out["model"] not in models.names():
+        close = difflib.get_close_matches(str(out["model"]), sorted(models.names()), n=3) if isinstance(out["model"], str) else []
+        hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}? " if close else ""
         raise _fail("model", f"{out['model']!r} is neither a torchvision classification model "
-                    f"(torchvision.models.list_models()) nor one of optstate's ({', '.join(models.OWN_MODELS)})")
+                    f"({hint}all of them: torchvision.models.list_models(module=torchvision.models)) nor one of "
+                    f"optstate's ({', '.join(models.OWN_MODELS)})")
     _int(out, "seeds", 1)
     _int(out, "batch_size", 1)
     _int(out, "train_images", 0)

@@ -76,6 +76,8 @@ def load(entry: str, study, root: Path, download: bool = True, mirror: str | Non
         data = folder.load(path, label, store, study.resize, root / "cache", f"{archive.folder} ({path})")
     else:
         path = Path(entry).expanduser()
+        if not path.exists():
+            raise UserError(f"dataset folder {path} does not exist (from `datasets` in the study)")
         if idx.has_files(path):
             data = idx.full(path, label)
         elif path.is_dir() and (path / "train").is_dir():

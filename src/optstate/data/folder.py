@@ -186,4 +186,5 @@ def load(root: Path, label: str, size: int, mode: str, cache_dir: Path, source: 
         labels = torch.from_numpy(np.load(cache / f"{split}-labels.npy"))
         splits[split] = Split(images, labels)
     skipped = json.loads((cache / "skipped.json").read_text())
-    return ImageData(label, classes, splits["train"], splits["val"], source, skipped)
+    return ImageData(label, classes, splits["train"], splits["val"], source, skipped,
+                     len(files["train"]) + len(files["val"]))

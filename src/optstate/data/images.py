@@ -30,6 +30,7 @@ class ImageData:
     val: Split
     source: str  # where it came from, for the report
     skipped: list[str] = field(default_factory=list)  # files that could not be decoded, relative to the folder
+    files: int = 0  # image files found in the folder, decoded or not (0: not read from a folder)
 
     @property
     def channels(self) -> int:
