@@ -206,6 +206,19 @@ def snapshot(out: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
 
 
+def assert_intact(before: dict[Path, bytes], after: dict[Path, bytes]) -> None:
+    """Every file that existed at the fault is there, unchanged; no temporary file is left."""
+    assert before
+    for path, data in before.items():
+        if path.name.endswith(".tmp"):  # the write the fault interrupted
+            continue
+        if "tensorboard" in path.parts:  # event files are appended to, never rewritten
+            assert after[path][: len(data)] == data, path
+        else:
+            assert after.get(path) == data, path
+    assert not [p for p in after if p.name.endswith(".tmp")]
+
+
 @pytest.mark.parametrize("victim,nth", [("final.pt", 2), ("epochs.csv", 3), ("progress.pt", 1)])
 def test_a_full_disk_keeps_every_file_written_before_and_the_rerun_finishes(reference, tmp_path, capsys,
                                                                             monkeypatch, victim, nth):
@@ -224,15 +237,7 @@ def test_a_full_disk_keeps_every_file_written_before_and_the_rerun_finishes(refe
     line = refused(capsys, "run", *SMALL, "--out", out)
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert "the disk is full" in line and victim in line and "rerun the same command" in line
-    after = snapshot(out)
-    for path, data in before.items():
-        if ".tmp" in path.name:
-            continue
-        if "tensorboard" in path.parts:  # event files are appended to, never rewritten
-            assert after[path][: len(data)] == data, path
-        else:
-            assert after.get(path) == data, path
-    assert not [p for p in after if p.name.endswith(".tmp")]
+    assert_intact(before, snapshot(out))
     code, text = run(capsys, "run", *SMALL, "--out", out)
     assert code == 0, text
     assert tables(out) == tables(reference)
@@ -242,11 +247,12 @@ def test_out_of_memory_names_the_batch_size_and_keeps_finished_sessions(referenc
     import optstate.train
 
     out = tmp_path / "out"
-    real_step, calls = optstate.train.train_step, []
+    real_step, calls, before = optstate.train.train_step, [], {}
 
     def step(*args):
         calls.append(1)
         if len(calls) == 25:  # in the second node
+            before.update(snapshot(out))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(*args)
 
@@ -254,6 +260,7 @@ def test_out_of_memory_names_the_batch_size_and_keeps_finished_sessions(referenc
     line = refused(capsys, "run", *SMALL, "--out", out)
     monkeypatch.setattr(optstate.train, "train_step", real_step)
     assert "out of memory" in line and "batch_size 32" in line and "--set batch_size=16" in line
+    assert_intact(before, snapshot(out))
     plan = json.loads((out / "plan.json").read_text())
     assert [n["status"] for n in plan["nodes"]].count("done") >= 1
     code, text = run(capsys, "run", *SMALL, "--out", out)

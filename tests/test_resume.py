@@ -25,6 +25,13 @@ def tables(out):
     return found
 
 
+def _read(path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "out"
@@ -39,7 +46,8 @@ def test_an_interrupted_run_resumes_to_identical_metrics(uninterrupted, tmp_path
     out = tmp_path / "out"
     p = start(out)
     deadline = time.time() + 120
-    while not list(out.glob("nodes/*/progress.pt")):  # an epoch has ended inside a node
+    # a session is finished and an epoch has ended inside another one (the first OneCycle session)
+    while not (list(out.glob("nodes/*/progress.pt")) and '"status": "done"' in _read(out / "plan.json")):
         assert p.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
         time.sleep(0.05)
     time.sleep(0.3)  # into the next epoch
@@ -50,12 +58,16 @@ def test_an_interrupted_run_resumes_to_identical_metrics(uninterrupted, tmp_path
         assert "rerun the same command to continue" in err and "Traceback" not in err
     plan = json.loads((out / "plan.json").read_text())
     assert any(n["status"] != "done" for n in plan["nodes"]), "the interruption came too late"
+    finished = {p: p.read_bytes() for n in plan["nodes"] if n["status"] == "done"
+                for p in (out / "nodes" / n["id"]).glob("*.csv")}
+    assert finished, "the interruption came too early"
 
     again = subprocess.run([sys.executable, "-m", "optstate", *STUDY, "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "from its last finished epoch" in again.stderr + again.stdout  # resumed, not retrained
     assert tables(out) == uninterrupted
+    assert all(p.read_bytes() == data for p, data in finished.items())  # finished sessions were not retrained
     assert not list(out.glob("nodes/*/*.pt"))  # no session left to train needs a checkpoint
 
 
