@@ -204,7 +204,9 @@ def test_a_hard_link_member_pointing_outside_is_refused_and_nothing_is_written(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root", "victim.txt", "www"]
 
 
-def test_an_unknown_checksum_is_refused_until_accepted_deliberately(tmp_path, server, small_archive, capsys):
+@pytest.mark.parametrize("via", ["option", "variable"])
+def test_an_unknown_checksum_is_refused_until_accepted_deliberately(tmp_path, server, small_archive, capsys,
+                                                                    monkeypatch, via):
     www, url = server
     reuploaded = make_tgz(www / "imagenette2-160.tgz", "imagenette2-160", CLASSES)
     small_archive("0" * 32)  # the checksums this release knows
@@ -219,6 +221,29 @@ def test_an_unknown_checksum_is_refused_until_accepted_deliberately(tmp_path, se
     assert main([*fetch_cmd, "--accept-md5", "1" * 32]) == 2  # another checksum is still refused
     assert "nor the accepted " + "1" * 32 in capsys.readouterr().err
     (www / "imagenette2-160.tgz").unlink()  # accepting uses the file already downloaded
-    assert main([*fetch_cmd, "--accept-md5", reuploaded]) == 0
+    if via == "variable":
+        monkeypatch.setenv("OPTSTATE_ACCEPT_MD5", reuploaded.upper())
+        assert main(fetch_cmd) == 0
+    else:
+        assert main([*fetch_cmd, "--accept-md5", reuploaded]) == 0
     assert "verified" in capsys.readouterr().out
     assert len(list((root / "imagenette2-160" / "val").rglob("*.JPEG"))) == 20
+
+
+def test_an_accepted_archive_is_still_checked_for_its_layout(tmp_path, server, small_archive, capsys):
+    www, url = server
+    short = make_tgz(www / "imagenette2-160.tgz", "imagenette2-160", CLASSES, per_class=(3, 1))
+    small_archive("0" * 32)
+    root = tmp_path / "root"
+    assert main(["data", "fetch", "imagenette", "--data-root", str(root), "--mirror", url, "--accept-md5", short]) == 2
+    err = capsys.readouterr().err
+    assert "holds 10 images, expected 20" in err and "Traceback" not in err
+
+
+def test_a_cut_off_archive_is_not_readable_and_says_so(tmp_path):
+    tgz = tmp_path / "a.tgz"
+    make_tgz(tgz, "imagenette2-160", CLASSES)
+    tgz.write_bytes(tgz.read_bytes()[: tgz.stat().st_size // 2])
+    with pytest.raises(fetch.UserError, match="is not a readable archive"):
+        fetch.extract(tgz, tmp_path / "out")
+    assert not (tmp_path / "out" / "imagenette2-160").exists()

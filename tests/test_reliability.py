@@ -180,22 +180,29 @@ def test_a_damaged_progress_checkpoint_is_set_aside_and_its_session_trained_agai
         torch.save({"model": Payload(marker)}, progress)
     code, text = run(capsys, "run", *SMALL, "--keep-checkpoints", "--out", out)
     assert code == 0, text
-    assert f"checkpoint {progress} is damaged" in text and "trained again" in text
+    assert f"checkpoint {progress} is damaged" in text and "its session starts again from its beginning" in text
     assert "from its last finished epoch" not in text  # not resumed from the damaged file
     assert not marker.exists()  # weights_only: the payload never ran
     assert (progress.parent / "progress.pt.damaged").exists()
     assert tables(out) == tables(reference)
 
 
-def test_a_truncated_parent_checkpoint_is_set_aside_and_the_parent_trained_again(reference, tmp_path, capsys):
+@pytest.mark.parametrize("also_grandparent", [False, True], ids=["parent", "parent and grandparent"])
+def test_a_truncated_parent_checkpoint_is_set_aside_and_the_parent_trained_again(reference, tmp_path, capsys,
+                                                                                 also_grandparent):
     out = tmp_path / "out"
     leaf, plan = copy_with_pending(reference, out, "s3-keep-keep")
     parent = out / "nodes" / leaf["parent"] / "final.pt"
     parent.write_bytes(parent.read_bytes()[: parent.stat().st_size // 2])
+    grandparent = out / "nodes" / next(n for n in plan["nodes"] if n["id"] == leaf["parent"])["parent"] / "final.pt"
+    if also_grandparent:  # found only once the parent is to train again
+        flip_bytes(grandparent)
     code, text = run(capsys, "run", *SMALL, "--keep-checkpoints", "--out", out)
     assert code == 0, text
     assert f"checkpoint {parent} is damaged" in text
-    assert f"({len(plan['nodes']) - 2} already done)" in text  # the leaf and its parent train again
+    assert (f"checkpoint {grandparent} is damaged" in text) == also_grandparent
+    retrained = 3 if also_grandparent else 2  # the leaf, its parent (and the first session)
+    assert f"({len(plan['nodes']) - retrained} already done)" in text
     assert tables(out) == tables(reference)
     assert torch.load(parent, weights_only=True)["global_epoch"] == 3
 
@@ -219,7 +226,7 @@ def assert_intact(before: dict[Path, bytes], after: dict[Path, bytes]) -> None:
     assert not [p for p in after if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("victim,nth", [("final.pt", 2), ("epochs.csv", 3), ("progress.pt", 1)])
+@pytest.mark.parametrize("victim,nth", [("final.pt", 2), ("epochs.csv", 3), ("progress.pt", 1), ("plan.json", 4)])
 def test_a_full_disk_keeps_every_file_written_before_and_the_rerun_finishes(reference, tmp_path, capsys,
                                                                             monkeypatch, victim, nth):
     out = tmp_path / "out"
@@ -262,10 +269,55 @@ def test_out_of_memory_names_the_batch_size_and_keeps_finished_sessions(referenc
     assert "out of memory" in line and "batch_size 32" in line and "--set batch_size=16" in line
     assert_intact(before, snapshot(out))
     plan = json.loads((out / "plan.json").read_text())
-    assert [n["status"] for n in plan["nodes"]].count("done") >= 1
+    done = [out / "nodes" / n["id"] for n in plan["nodes"] if n["status"] == "done"]
+    assert len(done) == 1
+    code, text = run(capsys, "run", *SMALL, "--out", out)
+    assert code == 0, text
+    assert "(1 already done)" in text
+    assert all(p.read_bytes() == data for p, data in before.items() if p.parent in done and p.suffix == ".csv")
+    assert tables(out) == tables(reference)
+
+
+def test_a_full_disk_under_tensorboard_is_one_line_too(reference, tmp_path, capsys, monkeypatch):
+    """TensorBoard writes from a thread of its own; its error must not print that thread's traceback."""
+    from tensorboard.summary.writer import record_writer
+
+    out = tmp_path / "out"
+    real_write, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):
+        calls.append(1)
+        if len(calls) > 40:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    line = refused(capsys, "run", *SMALL, "--out", out)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", real_write)
+    assert "the disk is full" in line
     code, text = run(capsys, "run", *SMALL, "--out", out)
     assert code == 0, text
     assert tables(out) == tables(reference)
+
+
+def test_a_full_disk_while_decoding_leaves_no_half_cache(tmp_path, capsys, monkeypatch):
+    """The decoded cache is written through a memory map: its blocks are reserved first, so a full
+    disk is an OSError, not a SIGBUS."""
+    root = make_folder(tmp_path / "d", ["a", "b"], per_class=(12, 4))
+    study = folder_study(tmp_path, root)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    line = refused(capsys, "run", study, "--out", tmp_path / "out")
+    assert "the disk is full" in line and "train.npy" in line
+    cache = Path(os.environ["OPTSTATE_DATA"]) / "cache"
+    assert not list(cache.iterdir())
+    monkeypatch.undo()
+    monkeypatch.setenv("OPTSTATE_DATA", str(cache.parent))
+    code, text = run(capsys, "run", study, "--out", tmp_path / "out")
+    assert code == 0, text
 
 
 # -- output directory -------------------------------------------------------------------------------

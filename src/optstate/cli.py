@@ -210,6 +210,7 @@ def _on_sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+        threading.excepthook = _on_thread_error
     args = parser().parse_args(argv)
     if args.command is None:
         args = parser().parse_args(["run", *(argv or [])])
@@ -233,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # an unwritable --out, a full disk, a file where a folder should be
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"optstate: error: the disk is full (no space left writing {e.filename or 'a file'}). Files "
-                  f"written before are intact and a file being replaced keeps its previous version; free some "
-                  f"space and rerun the same command to continue.", file=sys.stderr)
+            where = f" writing {e.filename}" if e.filename else ""
+            print(f"optstate: error: the disk is full (no space left{where}). Files written before are intact and "
+                  f"a file being replaced keeps its previous version; free some space and rerun the same command "
+                  f"to continue.", file=sys.stderr)
         else:
             print(f"optstate: error: {e}", file=sys.stderr)
         return 2
@@ -243,7 +245,16 @@ def main(argv: list[str] | None = None) -> int:
         return _internal_error(e)
 
 
-def _internal_error(e: Exception) -> int:
+def _on_thread_error(args) -> None:
+    """A background thread's OSError (TensorBoard's writer on a full disk) is raised again in the
+    main thread, which reports it in one line; the thread's own traceback would only be noise.
+    Anything else is a fault of optstate's: one line, the trace in a file."""
+    if issubclass(args.exc_type, OSError) or args.exc_value is None:
+        return
+    _internal_error(args.exc_value, f" in a background thread ({args.thread.name if args.thread else '?'})")
+
+
+def _internal_error(e: BaseException, where_: str = "") -> int:
     import tempfile
     import traceback
 
@@ -255,7 +266,7 @@ def _internal_error(e: Exception) -> int:
         where = f"the traceback is in {path}"
     except OSError:
         where = "the traceback could not be saved"
-    print(f"optstate: internal error: {type(e).__name__}: {e}; finished sessions are kept. This is a bug in "
+    print(f"optstate: internal error{where_}: {type(e).__name__}: {e}; finished sessions are kept. This is a bug in "
           f"optstate: please report it with the file ({where}).", file=sys.stderr)
     return 1
 

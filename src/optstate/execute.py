@@ -114,7 +114,16 @@ def _run_locked(study: Study, store: Store, runtime: Runtime, data_root: str | N
                 f"(listed in the report): {', '.join(data.skipped[:5])}{' ...' if len(data.skipped) > 5 else ''}")
         described[label] = {"source": data.source, "classes": len(data.classes), "train_images": len(data.train),
                             "val_images": len(data.val), "image_size": size, "skipped": data.skipped}
-        contexts[label] = Context(study, data, Batches(data, study, size, batch_device), size, runtime, store, plan)
+        try:  # the whole dataset goes onto the training device as uint8
+            batches = Batches(data, study, size, batch_device)
+        except Exception as e:
+            if _is_out_of_memory(e):
+                raise UserError(f"out of memory on {batch_device} while placing {label} on it ({len(data.train)} + "
+                                f"{len(data.val)} images at {size}px, kept as uint8); use fewer images "
+                                f"(train_images, val_images), a smaller image_size, or a device with more "
+                                f"memory") from None
+            raise
+        contexts[label] = Context(study, data, batches, size, runtime, store, plan)
     preflight(study, plan, contexts, dev)
     plan = store.begin(study, plan, runtime.precision, warn=log)
     write_atomic(out / "data.json", json.dumps(described, indent=1) + "\n")

@@ -148,8 +148,9 @@ def train(plan, study, store, runtime, data_root: Path, contexts, executor, bar,
                 node = plan.nodes[running.pop(ref)]
                 try:
                     outcome, value = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # the node's own error, raised again here
-                    raise e.as_instanceof_cause() from None
+                except ray.exceptions.RayTaskError as e:  # the node's own error, raised again here as itself
+                    cause = getattr(e, "cause", None)  # (as_instanceof_cause's text carries the remote traceback)
+                    raise (cause if isinstance(cause, BaseException) else e.as_instanceof_cause()) from None
                 except ray.exceptions.WorkerCrashedError:
                     raise UserError(f"the Ray worker training {node.dataset} {','.join(node.arms)} seed{node.seed} "
                                     f"session {node.session + 1} died {executor.max_retries + 1} times; finished "

@@ -59,6 +59,8 @@ def checkpoint_problem(path: Path) -> str | None:
         if bad is not None:
             return f"member {bad} fails its CRC check"
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (PermissionError, MemoryError):  # the machine's problem, not the file's
+        raise
     except Exception as e:  # noqa: BLE001 - BadZipFile, UnpicklingError, RuntimeError, EOFError, ...
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     return None
@@ -124,10 +126,12 @@ class Store:
                                         f"this run would train at {precision}; rerun with --precision "
                                         f"{prev.precision}, or use another --out")
                     node.status, node.diverged_at, node.precision = prev.status, prev.diverged_at, prev.precision
-            self._set_aside_damaged(plan, warn)
-            # A node still to train needs its parent's final checkpoint; if that is gone, train the parent again.
+            # A node still to train needs its parent's final checkpoint; if that is gone (or damaged),
+            # train the parent again, which needs its own parent's, and so on.
+            checked: set[Path] = set()
             missing = True
             while missing:
+                self._set_aside_damaged(plan, warn, checked)
                 missing = False
                 for node in plan.nodes.values():
                     parent = plan.nodes.get(node.parent) if node.parent else None
@@ -141,21 +145,24 @@ class Store:
         self.write_plan(plan)
         return plan
 
-    def _set_aside_damaged(self, plan: Plan, warn) -> None:
-        """Check the checkpoints this run will read; rename a damaged one to <name>.damaged. A damaged
-        progress.pt makes its node start again from its parent; a damaged final.pt counts as missing."""
+    def _set_aside_damaged(self, plan: Plan, warn, checked: set[Path]) -> None:
+        """Check the checkpoints this run will read (each once); rename a damaged one to <name>.damaged.
+        A damaged progress.pt makes its node start again from its parent; a damaged final.pt counts as missing."""
         for node in plan.nodes.values():
             paths = [self.progress_path(node.id)] if node.status == "pending" else []
             if node.status == "done" and any(c.status == "pending" for c in plan.children(node.id)):
                 paths.append(self.checkpoint_path(node.id))
             for path in paths:
-                if path.exists() and (why := checkpoint_problem(path)):
+                if path in checked or not path.exists():
+                    continue
+                checked.add(path)
+                if why := checkpoint_problem(path):
                     aside = path.with_name(path.name + ".damaged")
                     os.replace(path, aside)
-                    again = "its epochs are trained again from its parent's checkpoint" \
-                        if path.name == "progress.pt" else "that session is trained again from its own parent"
-                    warn(f"warning: checkpoint {path} is damaged ({why}); set aside as {aside.name} and "
-                         f"{again}, to the same numbers")
+                    again = "its session starts again from its beginning" if path.name == "progress.pt" \
+                        else "the session that wrote it is trained again"
+                    warn(f"warning: checkpoint {path} is damaged ({why}); set aside as {aside.name}, and "
+                         f"{again} (to the same numbers)")
 
     def write_plan(self, plan: Plan) -> None:
         write_atomic(self.out / "plan.json", plan.to_json())

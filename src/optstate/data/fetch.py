@@ -1,6 +1,7 @@
 """Download, verify and safely extract the fast.ai Imagenette/Imagewoof archives."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -8,6 +9,7 @@ import shutil
 import tarfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -103,6 +105,8 @@ def download(url: str, dest: Path, timeout: float = 30) -> None:
                         f"partial file was deleted, try again") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         part.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the disk, not the download: the command line says so
         reason = getattr(e, "reason", e)
         raise UserError(f"could not download {url}: {reason}") from None
     part.replace(dest)
@@ -138,8 +142,9 @@ def extract(path: Path, dest: Path) -> None:
             if target.exists():
                 shutil.rmtree(target)
             top.replace(target)
-    except tarfile.TarError as e:
-        raise UserError(f"{path} is not a readable archive: {e}") from None
+    except (tarfile.TarError, EOFError, zlib.error) as e:  # a cut-off or damaged gzip stream too
+        raise UserError(f"{path} is not a readable archive ({type(e).__name__}: {e}); delete it and fetch "
+                        f"again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,6 +9,7 @@ cannot be decoded are left out and listed (the report names them).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -108,11 +109,32 @@ def _cache_key(files: dict[str, list[tuple[Path, int]]], size: int, mode: str) -
     return h.hexdigest()[:16]
 
 
+def _reserved_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy array mapped for writing, its disk blocks reserved first: writing a full disk through
+    a map of a sparse file ends in SIGBUS, while reserving raises a plain OSError(ENOSPC)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            del array
+            os.close(fd)
+            fd = -1
+            path.unlink(missing_ok=True)
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from None
+        # a file system without fallocate: write through the map as before
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return array
+
+
 def _decode_split(files: list[tuple[Path, int]], size: int, mode: str, dest: Path, desc: str) -> list[Path]:
     """Decode a split into dest/<name>.npy (images) and <name>-labels.npy, in parallel; returns the
     files that could not be decoded, which are left out of both arrays."""
     n = len(files)
-    images = np.lib.format.open_memmap(dest.with_suffix(".npy"), mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    images = _reserved_memmap(dest.with_suffix(".npy"), (n, 3, size, size))
     jobs = [(str(p), size, mode) for p, _ in files]
     workers = min(os.cpu_count() or 1, 16)
     pool = ProcessPoolExecutor(workers) if n >= 256 and workers > 1 else None
@@ -127,8 +149,7 @@ def _decode_split(files: list[tuple[Path, int]], size: int, mode: str, dest: Pat
             pool.shutdown(cancel_futures=True)
     if not ok.all():  # compact: the cache holds only the images that decoded
         kept = np.flatnonzero(ok)
-        compact = np.lib.format.open_memmap(dest.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint8,
-                                            shape=(len(kept), 3, size, size))
+        compact = _reserved_memmap(dest.with_suffix(".tmp.npy"), (len(kept), 3, size, size))
         for j in range(0, len(kept), 1024):
             compact[j:j + 1024] = images[kept[j:j + 1024]]
         compact.flush()
@@ -164,13 +185,17 @@ def load(root: Path, label: str, size: int, mode: str, cache_dir: Path, source: 
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         skipped = []
-        for split in ("train", "val"):
-            skipped += _decode_split(files[split], size, mode, partial / split, f"decode {label} {split}")
-        names = [str(p.relative_to(root)) for p in skipped]
-        for split in ("train", "val"):
-            if np.load(partial / f"{split}-labels.npy").size == 0:
-                raise UserError(f"{root / split}: none of its {len(files[split])} images could be decoded")
-        (partial / "skipped.json").write_text(json.dumps(names, indent=0) + "\n")
+        try:
+            for split in ("train", "val"):
+                skipped += _decode_split(files[split], size, mode, partial / split, f"decode {label} {split}")
+            names = [str(p.relative_to(root)) for p in skipped]
+            for split in ("train", "val"):
+                if np.load(partial / f"{split}-labels.npy").size == 0:
+                    raise UserError(f"{root / split}: none of its {len(files[split])} images could be decoded")
+            (partial / "skipped.json").write_text(json.dumps(names, indent=0) + "\n")
+        except BaseException:  # a full disk, Ctrl-C, a refused folder: no half cache left behind
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         shutil.rmtree(cache, ignore_errors=True)
         os.replace(partial, cache)  # the cache appears whole or not at all
         for old in cache_dir.glob(prefix + "*"):  # earlier versions of this folder's cache
