@@ -98,3 +98,29 @@ def test_an_out_that_workers_cannot_see_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="not shared with the Ray workers: a worker on worker-7"):
         check_shared(Elsewhere(), tmp_path)
+
+
+def test_an_error_inside_a_task_reaches_the_user_as_itself(tmp_path, capsys):
+    """A full disk met by a Ray task gets the same one line as with the local executor: the task's own
+    exception, not Ray's wrapper with the remote traceback in its text."""
+    plugin = tmp_path / "full_disk_handoff.py"
+    plugin.write_text(
+        "import errno, os\n"
+        "from optstate.handoff import register\n"
+        "@register('full-disk-test')\n"
+        "def full(model, optimizer, session):\n"
+        "    if session.steps > 10:  # a real session, not the study's probe\n"
+        "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), '/somewhere/final.pt')\n"
+        "    return optimizer\n")
+    out = tmp_path / "out"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        code = main(["run", "--preset", "smoke", "--plugin", str(plugin), "--set", 'arms=["constant/full-disk-test"]',
+                     "--executor", "ray", "--out", str(out)])
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "optstate: error: the disk is full (no space left writing /somewhere/final.pt)" in err
+    assert "Traceback" not in err
+    assert '"status": "done"' in (out / "plan.json").read_text()  # the first session, trained before, is kept
