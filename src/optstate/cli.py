@@ -254,7 +254,7 @@ def _on_thread_error(args) -> None:
     _internal_error(args.exc_value, f" in a background thread ({args.thread.name if args.thread else '?'})")
 
 
-def _internal_error(e: BaseException, where_: str = "") -> int:
+def _internal_error(e: BaseException, context: str = "") -> int:
     import tempfile
     import traceback
 
@@ -266,7 +266,7 @@ def _internal_error(e: BaseException, where_: str = "") -> int:
         where = f"the traceback is in {path}"
     except OSError:
         where = "the traceback could not be saved"
-    print(f"optstate: internal error{where_}: {type(e).__name__}: {e}; finished sessions are kept. This is a bug in "
+    print(f"optstate: internal error{context}: {type(e).__name__}: {e}; finished sessions are kept. This is a bug in "
           f"optstate: please report it with the file ({where}).", file=sys.stderr)
     return 1
 
