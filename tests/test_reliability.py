@@ -4,6 +4,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -278,23 +280,30 @@ def test_out_of_memory_names_the_batch_size_and_keeps_finished_sessions(referenc
     assert tables(out) == tables(reference)
 
 
-def test_a_full_disk_under_tensorboard_is_one_line_too(reference, tmp_path, capsys, monkeypatch):
-    """TensorBoard writes from a thread of its own; its error must not print that thread's traceback."""
-    from tensorboard.summary.writer import record_writer
+FULL_UNDER_TENSORBOARD = """
+import errno, os, sys
+from tensorboard.summary.writer import record_writer
+from optstate.cli import main
+real, calls = record_writer.RecordWriter.write, []
+def write(self, data):
+    calls.append(1)
+    if len(calls) > 40:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real(self, data)
+record_writer.RecordWriter.write = write
+sys.exit(main(sys.argv[1:]))
+"""
 
+
+def test_a_full_disk_under_tensorboard_is_one_line_too(reference, tmp_path, capsys):
+    """TensorBoard writes from a thread of its own; its error must not print that thread's traceback.
+    A process of its own, because pytest catches thread errors itself and would hide that traceback."""
     out = tmp_path / "out"
-    real_write, calls = record_writer.RecordWriter.write, []
-
-    def write(self, data):
-        calls.append(1)
-        if len(calls) > 40:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, data)
-
-    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
-    line = refused(capsys, "run", *SMALL, "--out", out)
-    monkeypatch.setattr(record_writer.RecordWriter, "write", real_write)
-    assert "the disk is full" in line
+    p = subprocess.run([sys.executable, "-c", FULL_UNDER_TENSORBOARD, "run", *SMALL, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stdout + p.stderr and "Exception in thread" not in p.stderr
+    assert "optstate: error: the disk is full" in p.stderr
     code, text = run(capsys, "run", *SMALL, "--out", out)
     assert code == 0, text
     assert tables(out) == tables(reference)
